@@ -1,0 +1,1 @@
+"""guest layer of pkvm-smmu (see DESIGN.md)."""

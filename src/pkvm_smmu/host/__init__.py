@@ -1,0 +1,1 @@
+"""host layer of pkvm-smmu (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""hyp layer of pkvm-smmu (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""machine layer of pkvm-smmu (see DESIGN.md)."""

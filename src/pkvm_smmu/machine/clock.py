@@ -1,0 +1,76 @@
+"""The modeled clock: time is a count of nanoseconds advanced by the model, never the host's wall clock."""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass(order=True)
+class _Timer:
+    when_ns: int
+    seq: int
+    callback: Callable[[], None] = field(compare=False)
+    cancelled: bool = field(default=False, compare=False)
+
+
+class Clock:
+    """Modeled time with deterministic timers (ties are broken by scheduling order)."""
+
+    def __init__(self) -> None:
+        self._now_ns = 0
+        self._seq = 0
+        self._timers: list[_Timer] = []
+
+    @property
+    def now_ns(self) -> int:
+        return self._now_ns
+
+    @property
+    def now_us(self) -> float:
+        return self._now_ns / 1000
+
+    def call_at(self, when_ns: int, callback: Callable[[], None]) -> _Timer:
+        self._seq += 1
+        timer = _Timer(max(when_ns, self._now_ns), self._seq, callback)
+        heapq.heappush(self._timers, timer)
+        return timer
+
+    def call_after(self, delay_ns: int, callback: Callable[[], None]) -> _Timer:
+        return self.call_at(self._now_ns + max(0, delay_ns), callback)
+
+    @staticmethod
+    def cancel(timer: _Timer) -> None:
+        timer.cancelled = True
+
+    def next_deadline(self) -> int | None:
+        while self._timers and self._timers[0].cancelled:
+            heapq.heappop(self._timers)
+        return self._timers[0].when_ns if self._timers else None
+
+    def advance(self, delta_ns: int) -> None:
+        """Move time forward, firing every timer that falls due, in order."""
+        self.advance_to(self._now_ns + max(0, delta_ns))
+
+    def advance_to(self, target_ns: int) -> None:
+        while self._timers and self._timers[0].when_ns <= target_ns:
+            timer = heapq.heappop(self._timers)
+            if timer.cancelled:
+                continue
+            self._now_ns = max(self._now_ns, timer.when_ns)
+            timer.callback()
+        self._now_ns = max(self._now_ns, target_ns)
+
+    def poll(self, condition: Callable[[], bool], timeout_us: float, step_ns: int = 1000) -> bool:
+        """Advance time in ``step_ns`` steps until ``condition()`` holds or ``timeout_us`` passes.
+
+        This is how software models a polling loop with a timeout (e.g. waiting for CR0ACK).
+        """
+        deadline = self._now_ns + int(timeout_us * 1000)
+        while True:
+            if condition():
+                return True
+            if self._now_ns >= deadline:
+                return False
+            self.advance(min(step_ns, deadline - self._now_ns))

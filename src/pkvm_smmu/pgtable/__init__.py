@@ -1,0 +1,1 @@
+"""pgtable layer of pkvm-smmu (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""trace layer of pkvm-smmu (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""verify layer of pkvm-smmu (see DESIGN.md)."""
