@@ -14,9 +14,16 @@ from typing import Any, ClassVar
 class Field:
     """Bits ``[hi:lo]`` of a value, as the specification writes them."""
 
-    __slots__ = ("enum", "hi", "lo", "mask", "name", "width")
+    __slots__ = ("addr_lo", "enum", "hi", "lo", "mask", "name", "width")
 
-    def __init__(self, hi: int, lo: int | None = None, enum: type[IntEnum] | None = None) -> None:
+    def __init__(
+        self,
+        hi: int,
+        lo: int | None = None,
+        enum: type[IntEnum] | None = None,
+        *,
+        addr_lo: int | None = None,
+    ) -> None:
         lo = hi if lo is None else lo
         if hi < lo or lo < 0:
             raise ValueError(f"bad field bounds [{hi}:{lo}]")
@@ -25,6 +32,8 @@ class Field:
         self.width = hi - lo + 1
         self.mask = (1 << self.width) - 1
         self.enum = enum
+        # For address fields: the field holds address bits [addr_lo + width - 1 : addr_lo].
+        self.addr_lo = addr_lo
         self.name = f"[{hi}:{lo}]"
 
     def __set_name__(self, owner: type, name: str) -> None:
@@ -48,6 +57,20 @@ class Field:
     def set(self, value: int, field_value: int) -> int:
         return (value & ~(self.mask << self.lo)) | self.insert(field_value)
 
+    def get_address(self, value: int) -> int:
+        """The address an address field holds (its bits put back at ``addr_lo``)."""
+        return ((value >> self.lo) & self.mask) << (self.addr_lo or 0)
+
+    def insert_address(self, address: int) -> int:
+        """An address placed in the field; bits below ``addr_lo`` must be zero."""
+        shift = self.addr_lo or 0
+        if address & ((1 << shift) - 1):
+            raise ValueError(f"{self.name}: address {address:#x} is not aligned to {1 << shift:#x}")
+        return self.insert(address >> shift)
+
+    def set_address(self, value: int, address: int) -> int:
+        return (value & ~(self.mask << self.lo)) | self.insert_address(address)
+
     def display(self, field_value: int) -> str:
         if self.enum is not None:
             try:
@@ -56,6 +79,8 @@ class Field:
                 pass
         if self.width == 1:
             return str(field_value)
+        if self.addr_lo is not None:
+            return hex(field_value << self.addr_lo)
         return hex(field_value) if field_value > 9 else str(field_value)
 
     def __repr__(self) -> str:
