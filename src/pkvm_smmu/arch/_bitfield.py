@@ -107,7 +107,9 @@ class Layout:
         used = 0
         for field in fields:
             if field.hi >= cls.WIDTH:
-                raise TypeError(f"{cls.__name__}.{field.name} [{field.hi}:{field.lo}] exceeds {cls.WIDTH} bits")
+                raise TypeError(
+                    f"{cls.__name__}.{field.name} [{field.hi}:{field.lo}] exceeds {cls.WIDTH} bits"
+                )
             bits = field.in_place_mask
             if used & bits and not cls.ALLOW_OVERLAP:
                 raise TypeError(f"{cls.__name__}.{field.name} overlaps another field")
