@@ -67,7 +67,10 @@ class Clock:
 
         This is how software models a polling loop with a timeout (e.g. waiting for CR0ACK).
         """
-        deadline = self._now_ns + int(timeout_us * 1000)
+        if step_ns <= 0:
+            raise ValueError(f"poll: step_ns must be positive, got {step_ns}")
+        # round, not int: 1.001 * 1000 is 1000.9999999999999 and would end the wait early
+        deadline = self._now_ns + round(timeout_us * 1000)
         while True:
             if condition():
                 return True
