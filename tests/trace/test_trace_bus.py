@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import FrozenInstanceError
+
 import pytest
 
 from pkvm_smmu.trace import RecordingSink, TraceBus, TraceEvent
@@ -145,6 +147,16 @@ def test_a_sink_may_detach_itself_while_receiving_an_event() -> None:
     bus.emit("a", "y")
     assert [e.kind for e in later] == ["x", "y"]
     assert bus.sinks == (later,)
+
+
+def test_events_are_frozen_slotted_values() -> None:
+    event = TraceEvent(3, 40, "smmu0", "walk", {"level": 2})
+    assert event == TraceEvent(seq=3, time_ns=40, component="smmu0", kind="walk", fields={"level": 2})
+    assert event != TraceEvent(3, 40, "smmu0", "walk", {"level": 2}, dur_ns=0)
+    assert event.dur_ns is None
+    assert not hasattr(event, "__dict__")
+    with pytest.raises(FrozenInstanceError):
+        event.seq = 4  # type: ignore[misc]
 
 
 def test_metadata_is_a_copy_of_what_was_given() -> None:
