@@ -65,7 +65,9 @@ class MmioDevice(Protocol):
 
     def mmio_read(self, offset: int, size: int, initiator: Initiator) -> int | ExternalAbort: ...
 
-    def mmio_write(self, offset: int, size: int, value: int, initiator: Initiator) -> ExternalAbort | None: ...
+    def mmio_write(
+        self, offset: int, size: int, value: int, initiator: Initiator
+    ) -> ExternalAbort | None: ...
 
 
 class RegionKind(Enum):
@@ -169,8 +171,8 @@ class SystemBus:
             assert region.device is not None
             result = region.device.mmio_read(addr - region.base, size, initiator)
         if self.observers:
-            aborted = isinstance(result, ExternalAbort)
-            self._notify(Access(initiator, addr, size, False, None if aborted else result, aborted))
+            value = None if isinstance(result, ExternalAbort) else result
+            self._notify(Access(initiator, addr, size, False, value, value is None))
         return result
 
     def write(self, initiator: Initiator, addr: int, size: int, value: int) -> ExternalAbort | None:
@@ -198,8 +200,8 @@ class SystemBus:
         else:
             result = ExternalAbort(addr, "bulk read outside RAM")
         if self.observers:
-            aborted = isinstance(result, ExternalAbort)
-            self._notify(Access(initiator, addr, length, False, None if aborted else result, aborted))
+            data = None if isinstance(result, ExternalAbort) else result
+            self._notify(Access(initiator, addr, length, False, data, data is None))
         return result
 
     def write_bytes(self, initiator: Initiator, addr: int, data: bytes) -> ExternalAbort | None:
