@@ -156,7 +156,7 @@ def test_events_are_frozen_slotted_values() -> None:
     assert event.dur_ns is None
     assert not hasattr(event, "__dict__")
     with pytest.raises(FrozenInstanceError):
-        event.seq = 4  # type: ignore[misc]
+        event.seq = 4
 
 
 def test_metadata_is_a_copy_of_what_was_given() -> None:

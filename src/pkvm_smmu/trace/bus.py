@@ -60,7 +60,9 @@ _set_seq, _set_time_ns, _set_component, _set_kind, _set_fields, _set_dur_ns = (
 class TraceBus:
     """Delivers events to the attached sinks, stamped with a sequence number and the modeled time."""
 
-    def __init__(self, clock_ns: Callable[[], int] = _zero_clock, metadata: dict[str, Any] | None = None):
+    def __init__(
+        self, clock_ns: Callable[[], int] = _zero_clock, metadata: dict[str, Any] | None = None
+    ) -> None:
         self.enabled = False
         # Run metadata (design, policy, boot variant, seed, platform...) that exports record.
         self.metadata: dict[str, Any] = dict(metadata or {})
@@ -117,7 +119,7 @@ class Span:
 
     __slots__ = ("_bus", "_component", "_fields", "_kind", "_start_ns")
 
-    def __init__(self, bus: TraceBus, component: str, kind: str, fields: dict[str, Any]):
+    def __init__(self, bus: TraceBus, component: str, kind: str, fields: dict[str, Any]) -> None:
         self._bus = bus
         self._component = component
         self._kind = kind
