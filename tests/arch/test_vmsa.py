@@ -38,9 +38,9 @@ MiB = 1 << 20
 def test_table_desc_fields_by_hand() -> None:
     # table at 0x8_1234_5000, APTable=0b10 (bit 62), NSTable (63), PXNTable (59)
     desc = (1 << 63) | (1 << 62) | (1 << 59) | 0x0000_0008_1234_5000 | 0b11
-    assert TABLE_DESC.encode(
-        VALID=1, TYPE=1, NLTA=0x8_1234_5000 >> 12, APTABLE=2, NSTABLE=1, PXNTABLE=1
-    ) == desc
+    assert (
+        TABLE_DESC.encode(VALID=1, TYPE=1, NLTA=0x8_1234_5000 >> 12, APTABLE=2, NSTABLE=1, PXNTABLE=1) == desc
+    )
     fields = TABLE_DESC.decode(desc)
     assert fields["NLTA"] == 0x812345
     assert TABLE_DESC.NLTA.get_address(desc) == 0x8_1234_5000
@@ -51,8 +51,15 @@ def test_table_desc_fields_by_hand() -> None:
 def test_s1_leaf_fields_by_hand() -> None:
     # page at 0x4000_2000: valid page, AttrIndx=1, AP=RO (0b11), SH=IS, AF, nG, PXN, UXN
     desc = (
-        0x4000_2000 | 0b11 | (1 << 2) | (0b11 << 6) | (0b11 << 8)
-        | (1 << 10) | (1 << 11) | (1 << 53) | (1 << 54)
+        0x4000_2000
+        | 0b11
+        | (1 << 2)
+        | (0b11 << 6)
+        | (0b11 << 8)
+        | (1 << 10)
+        | (1 << 11)
+        | (1 << 53)
+        | (1 << 54)
     )
     fields = S1_LEAF.decode(desc)
     assert fields["ATTRINDX"] == 1
@@ -113,7 +120,7 @@ def test_oa52_with_64k_granule() -> None:
 def test_table_address() -> None:
     assert desc_table_address(0x0000_0000_4567_8003 | (1 << 63), GRANULE_4K) == 0x4567_8000
     # 16K: bits [13:12] below the granule are not address bits
-    assert desc_table_address(0x0000_0000_4567_b003, GRANULE_16K) == 0x4567_8000
+    assert desc_table_address(0x0000_0000_4567_B003, GRANULE_16K) == 0x4567_8000
 
 
 def test_classify() -> None:
