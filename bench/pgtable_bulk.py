@@ -32,9 +32,9 @@ def parse_size(text: str) -> int:
     try:
         value = int(number, 0) * scale
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--size: cannot read {text!r} (try 64G, 512M)") from None
+        raise argparse.ArgumentTypeError(f"cannot read {text!r} (try 64G, 512M)") from None
     if value <= 0 or value % GRANULE_4K.size:
-        raise argparse.ArgumentTypeError(f"--size: {value:#x} is not a positive multiple of 4 KiB")
+        raise argparse.ArgumentTypeError(f"{value:#x} is not a positive multiple of 4 KiB")
     return value
 
 
