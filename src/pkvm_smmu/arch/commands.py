@@ -360,7 +360,10 @@ def build_command(opcode: int, **fields: int) -> int:
             if int(field_value) != int(opcode):
                 raise ValueError(f"OPCODE={field_value:#x} contradicts opcode {opcode:#x}")
             continue
-        f = layout.field(name)
+        try:
+            f = layout.field(name)
+        except KeyError:
+            raise ValueError(f"{layout.__name__} has no field {name}") from None
         value = f.set_address(value, field_value) if f.addr_lo is not None else f.set(value, field_value)
     return value
 
