@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pkvm_smmu.arch.events import EventType
-from pkvm_smmu.arch.registers import STRTAB_BASE, STRTAB_BASE_CFG, CR2, StrtabFmt
+from pkvm_smmu.arch.registers import CR2, STRTAB_BASE, STRTAB_BASE_CFG, StrtabFmt
 from pkvm_smmu.arch.strtab import CD_SIZE, L1CD, L1CD_SIZE, L1STD, L1STD_SIZE, STE_SIZE
 from pkvm_smmu.machine.bus import ExternalAbort, Initiator, InitiatorKind
 from pkvm_smmu.machine.smmu.decode import ContextConfig, StreamConfig, decode_cd, decode_ste
@@ -118,7 +118,9 @@ class ConfigCache:
             return ConfigFault(EventType.F_STE_FETCH, fetch_address=ste_address)
         return decode_ste(sid, int.from_bytes(raw, "little"), ste_address, sources, features)
 
-    def lookup_context(self, stream: StreamConfig, index: int, s2_fetch: S2Fetch | None) -> ContextConfig | ConfigFault:
+    def lookup_context(
+        self, stream: StreamConfig, index: int, s2_fetch: S2Fetch | None
+    ) -> ContextConfig | ConfigFault:
         """The CD at ``index`` of the stream's CD table (index already range-checked by the caller)."""
         key = (stream.sid, index)
         cached = self._cd.get(key)
@@ -137,7 +139,9 @@ class ConfigCache:
             return ConfigFault(pa.event_type, s2_fault=pa)
         return pa
 
-    def _fetch_context(self, stream: StreamConfig, index: int, s2_fetch: S2Fetch | None) -> ContextConfig | ConfigFault:
+    def _fetch_context(
+        self, stream: StreamConfig, index: int, s2_fetch: S2Fetch | None
+    ) -> ContextConfig | ConfigFault:
         bus = self.smmu.bus
         initiator = self._initiator(stream.sid, "cd-fetch")
         sources: tuple[int, ...] = ()
@@ -173,7 +177,13 @@ class ConfigCache:
         if isinstance(raw, ExternalAbort):
             return ConfigFault(EventType.F_CD_FETCH, fetch_address=cd_pa)
         return decode_cd(
-            stream.sid, index, int.from_bytes(raw, "little"), cd_pa, (*sources, cd_pa), self.smmu.features, stream.world
+            stream.sid,
+            index,
+            int.from_bytes(raw, "little"),
+            cd_pa,
+            (*sources, cd_pa),
+            self.smmu.features,
+            stream.world,
         )
 
     # -- invalidation (CMD_CFGI_*) ------------------------------------------------------------
@@ -257,5 +267,3 @@ class ConfigCache:
 
     def cached_l1cd(self) -> dict[tuple[int, int], tuple[int, int]]:
         return dict(self._l1cd)
-
-

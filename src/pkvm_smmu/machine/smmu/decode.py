@@ -234,7 +234,12 @@ def decode_cd(
     ttb0 = None
     if not CD.EPD0.get(cd):
         result = _decode_ttb(
-            granule_from_tg0(CD.TG0.get(cd)), CD.T0SZ.get(cd), CD.TTB0.get_address(cd), output_bits, affd, features
+            granule_from_tg0(CD.TG0.get(cd)),
+            CD.T0SZ.get(cd),
+            CD.TTB0.get_address(cd),
+            output_bits,
+            affd,
+            features,
         )
         if isinstance(result, str):
             return illegal("TTB0: " + result)
@@ -244,7 +249,12 @@ def decode_cd(
         asid = None  # EL2 (non-E2H) has only TTB0 and no ASIDs
     elif not CD.EPD1.get(cd):
         result = _decode_ttb(
-            granule_from_tg1(CD.TG1.get(cd)), CD.T1SZ.get(cd), CD.TTB1.get_address(cd), output_bits, affd, features
+            granule_from_tg1(CD.TG1.get(cd)),
+            CD.T1SZ.get(cd),
+            CD.TTB1.get_address(cd),
+            output_bits,
+            affd,
+            features,
         )
         if isinstance(result, str):
             return illegal("TTB1: " + result)

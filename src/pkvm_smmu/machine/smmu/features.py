@@ -43,7 +43,9 @@ class SmmuFeatures:
     def __post_init__(self) -> None:
         bad = set(self.granules) - set(GRANULE_SIZES)
         if bad or not self.granules:
-            raise ValueError(f"granules must be a non-empty subset of {GRANULE_SIZES}, got {sorted(self.granules)}")
+            raise ValueError(
+                f"granules must be a non-empty subset of {GRANULE_SIZES}, got {sorted(self.granules)}"
+            )
         if not (self.stage1 or self.stage2):
             raise ValueError("an SMMU implements at least one translation stage")
         oas_encoding(self.oas_bits)  # rejects sizes the architecture cannot encode

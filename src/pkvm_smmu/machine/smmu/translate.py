@@ -11,13 +11,14 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from typing import TYPE_CHECKING
 
+from pkvm_smmu.machine.smmu.tlb import TlbEntry
+
 from pkvm_smmu.arch.events import EVENT_FIELDS, EventType, FaultClass, build_event
 from pkvm_smmu.arch.registers import GBPA
 from pkvm_smmu.arch.strtab import Eats, S1Dss, SteConfig
 from pkvm_smmu.machine.bus import ExternalAbort, Initiator, InitiatorKind
 from pkvm_smmu.machine.smmu.config import ConfigFault
 from pkvm_smmu.machine.smmu.decode import ContextConfig, StreamConfig
-from pkvm_smmu.machine.smmu.tlb import TlbEntry
 from pkvm_smmu.machine.smmu.types import (
     Outcome,
     Transaction,
@@ -212,7 +213,7 @@ class Translator:
         return TranslationResult(Outcome.OK, txn.address)
 
     @staticmethod
-    def _cd_index(stream: StreamConfig, ssid: int | None) -> int | None | _Fault:
+    def _cd_index(stream: StreamConfig, ssid: int | None) -> int | _Fault | None:
         """CD table index for a transaction, None for "stage 1 bypassed" (S1DSS), or a fault."""
         if ssid is None:
             if not stream.s1_cdmax:
@@ -230,7 +231,12 @@ class Translator:
 
     # -- stage 1 (and nested) -------------------------------------------------------------------
     def _stage1(
-        self, txn: Transaction, stream: StreamConfig, context: ContextConfig, privileged: bool, instruction: bool
+        self,
+        txn: Transaction,
+        stream: StreamConfig,
+        context: ContextConfig,
+        privileged: bool,
+        instruction: bool,
     ) -> TranslationResult:
         va = txn.address
         upper = (va >> 55) & 1
@@ -255,7 +261,9 @@ class Translator:
             entry = built
         failing_stage = _failing_stage(entry, txn.is_write, privileged, instruction)
         if failing_stage == 1:
-            return self._report(txn, _Fault(EventType.F_PERMISSION, record=context.record, abort=context.abort))
+            return self._report(
+                txn, _Fault(EventType.F_PERMISSION, record=context.record, abort=context.abort)
+            )
         if failing_stage == 2:
             ipa = entry.ipa_base + (tlb_va - entry.input_base)
             return self._report(txn, _Fault(EventType.F_PERMISSION, 2, ipa=ipa, record=stream.s2_record))
@@ -290,21 +298,44 @@ class Translator:
         result = walk(walk_cfg, reduced, self._descriptor_reader(txn.stream_id), translate_table)
         if isinstance(result, WalkFault):
             if result.stage == 2:  # a stage-1 descriptor's IPA failed stage 2 (CLASS=TT)
-                return _Fault(result.event_type, 2, FaultClass.TT, ipa=result.ipa,
-                              fetch_address=result.fetch_address, record=stream.s2_record)
+                return _Fault(
+                    result.event_type,
+                    2,
+                    FaultClass.TT,
+                    ipa=result.ipa,
+                    fetch_address=result.fetch_address,
+                    record=stream.s2_record,
+                )
             fault_class = FaultClass.TT if result.event_type == EventType.F_WALK_EABT else FaultClass.IN
-            return _Fault(result.event_type, 1, fault_class, fetch_address=result.fetch_address,
-                          record=context.record, abort=context.abort)
+            return _Fault(
+                result.event_type,
+                1,
+                fault_class,
+                fetch_address=result.fetch_address,
+                record=context.record,
+                abort=context.abort,
+            )
         leaf = result
-        size, input_base, output_base, ipa_base = leaf.size, leaf.input_base, leaf.output_base, leaf.output_base
+        size, input_base, output_base, ipa_base = (
+            leaf.size,
+            leaf.input_base,
+            leaf.output_base,
+            leaf.output_base,
+        )
         s2_readable = s2_writable = s2_executable = True
         sources: tuple[int, ...] = (*s2_sources, *leaf.path)
         if stream.s2:
             ipa = leaf.output_base + (reduced - leaf.input_base)
             s2_leaf = self._s2_leaf(stream, ipa)
             if isinstance(s2_leaf, WalkFault):
-                return _Fault(s2_leaf.event_type, 2, FaultClass.IN, ipa=ipa, fetch_address=s2_leaf.fetch_address,
-                              record=stream.s2_record)
+                return _Fault(
+                    s2_leaf.event_type,
+                    2,
+                    FaultClass.IN,
+                    ipa=ipa,
+                    fetch_address=s2_leaf.fetch_address,
+                    record=stream.s2_record,
+                )
             # The combined entry covers the smaller of the two leaves.
             size = min(leaf.size, s2_leaf.size)
             input_base = reduced & ~(size - 1)
@@ -344,18 +375,41 @@ class Translator:
         entry = tlb.lookup(TranslationKind.S2, stream.world, stream.vmid, None, ipa)
         if entry is not None:
             return WalkLeaf(
-                entry.input_base, entry.output_base, entry.level, entry.size, 0, 0, entry.sources,
-                entry.readable, entry.writable, True, entry.executable, entry.executable, True, entry.attr,
+                entry.input_base,
+                entry.output_base,
+                entry.level,
+                entry.size,
+                0,
+                0,
+                entry.sources,
+                entry.readable,
+                entry.writable,
+                True,
+                entry.executable,
+                entry.executable,
+                True,
+                entry.attr,
             )
         result = walk(stream.s2_walk, ipa, self._descriptor_reader(stream.sid), None)
         if isinstance(result, WalkLeaf):
             tlb.insert(
                 TlbEntry(
-                    kind=TranslationKind.S2, world=stream.world, vmid=stream.vmid, asid=None,
-                    input_base=result.input_base, size=result.size, output_base=result.output_base,
-                    readable=result.readable, writable=result.writable, unpriv=True,
-                    executable=result.executable, priv_executable=result.executable, attr=result.attr,
-                    level=result.level, sources=result.path, ipa_base=result.input_base,
+                    kind=TranslationKind.S2,
+                    world=stream.world,
+                    vmid=stream.vmid,
+                    asid=None,
+                    input_base=result.input_base,
+                    size=result.size,
+                    output_base=result.output_base,
+                    readable=result.readable,
+                    writable=result.writable,
+                    unpriv=True,
+                    executable=result.executable,
+                    priv_executable=result.executable,
+                    attr=result.attr,
+                    level=result.level,
+                    sources=result.path,
+                    ipa_base=result.input_base,
                 )
             )
         return result
@@ -369,8 +423,17 @@ class Translator:
             return self._report(txn, _Fault(EventType.F_ADDR_SIZE))
         leaf = self._s2_leaf(stream, ipa)
         if isinstance(leaf, WalkFault):
-            return self._report(txn, _Fault(leaf.event_type, 2, FaultClass.IN, ipa=ipa,
-                                            fetch_address=leaf.fetch_address, record=stream.s2_record))
+            return self._report(
+                txn,
+                _Fault(
+                    leaf.event_type,
+                    2,
+                    FaultClass.IN,
+                    ipa=ipa,
+                    fetch_address=leaf.fetch_address,
+                    record=stream.s2_record,
+                ),
+            )
         if not check_permission(leaf, 2, txn.is_write, privileged, instruction):
             return self._report(txn, _Fault(EventType.F_PERMISSION, 2, ipa=ipa, record=stream.s2_record))
         offset = leaf.output_base - leaf.input_base
@@ -384,8 +447,9 @@ class Translator:
         def fetch(ipa: int) -> int | WalkFault:
             leaf = self._s2_leaf(stream, ipa)
             if isinstance(leaf, WalkFault):
-                return WalkFault(leaf.event_type, 2, leaf.level, FaultClass.CD, ipa=ipa,
-                                 fetch_address=leaf.fetch_address)
+                return WalkFault(
+                    leaf.event_type, 2, leaf.level, FaultClass.CD, ipa=ipa, fetch_address=leaf.fetch_address
+                )
             if not leaf.readable:
                 return WalkFault(EventType.F_PERMISSION, 2, leaf.level, FaultClass.CD, ipa=ipa)
             return leaf.output_base + (ipa - leaf.input_base)
@@ -435,8 +499,15 @@ class Translator:
         trace = self.smmu.trace
         if trace is not None and trace.enabled:
             trace.emit(
-                self.smmu.name, "fault", event=fault.event_type.name, sid=txn.stream_id, ssid=txn.substream_id,
-                address=txn.address, write=txn.is_write, outcome=outcome.value, recorded=recorded,
+                self.smmu.name,
+                "fault",
+                event=fault.event_type.name,
+                sid=txn.stream_id,
+                ssid=txn.substream_id,
+                address=txn.address,
+                write=txn.is_write,
+                outcome=outcome.value,
+                recorded=recorded,
             )
         return TranslationResult(outcome, 0, record if record_it else None)
 
@@ -466,8 +537,11 @@ class Translator:
         if ok.outcome is not Outcome.OK:
             return AtsResponse(AtsStatus.SUCCESS, 0, _PAGE_SIZE)
         return AtsResponse(
-            AtsStatus.SUCCESS, ok.output_address, _PAGE_SIZE,
-            readable=read.outcome is Outcome.OK, writable=write.outcome is Outcome.OK,
+            AtsStatus.SUCCESS,
+            ok.output_address,
+            _PAGE_SIZE,
+            readable=read.outcome is Outcome.OK,
+            writable=write.outcome is Outcome.OK,
         )
 
     def _ats_probe(self, txn: Transaction, stream: StreamConfig, is_write: bool) -> TranslationResult:
