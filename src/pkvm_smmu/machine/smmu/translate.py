@@ -101,9 +101,12 @@ class Translator:
         hit = self._micro_tlb.get((txn.stream_id, txn.substream_id, txn.address >> _PAGE_SHIFT))
         if hit is not None and not txn.instruction:
             entry, offset = hit
-            if (entry.writable if txn.is_write else entry.readable) and (txn.privileged or entry.unpriv):
-                if entry.s2_writable if txn.is_write else entry.s2_readable:
-                    return TranslationResult(Outcome.OK, txn.address + offset)
+            if txn.is_write:
+                permitted = entry.writable and entry.s2_writable
+            else:
+                permitted = entry.readable and entry.s2_readable
+            if permitted and (txn.privileged or entry.unpriv):
+                return TranslationResult(Outcome.OK, txn.address + offset)
         return self._translate_slow(txn)
 
     def dma_read(self, txn: Transaction) -> bytes | TranslationResult:
