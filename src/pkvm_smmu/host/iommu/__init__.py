@@ -1,0 +1,1 @@
+"""The IOMMU core: IOMMU registration, fwspec, groups, domains, attach, and the DMA API."""
