@@ -210,7 +210,7 @@ def walk(
 
     if not cfg.hierarchical_attrs:
         table_bits = 0
-    writable = not (desc | table_bits) & _AP_RO
+    writable = not (desc & _AP_RO or table_bits & _APTABLE_RO)
     if cfg.single_privilege:
         # EL2 (E2H=0): AP[1], APTable[0], PXN and PXNTable are ignored; bit 54 is XN.
         unpriv = True
