@@ -458,6 +458,8 @@ def _add_pci_endpoint(
         return DeviceSpecError(spec.text, option, message)
 
     bdf = spec.bdf
+    if bdf in bridge.functions:
+        raise fail("bdf", f"{bdf} is already taken by {bridge.functions[bdf].name}")
     name = spec.id or f"{spec.kind}@{bdf}"
     if name in machine.dma_devices:
         raise fail("id", f"the name '{name}' is already taken")
