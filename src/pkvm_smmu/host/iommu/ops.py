@@ -3,6 +3,12 @@
 
 Errors are negative errno values (``-errno.ENODEV`` ...), as in the kernel; nothing here raises
 for a value the hardware or firmware supplied.
+
+Optional operations (Linux leaves these NULL when a driver has no use for them; the core looks
+them up with ``getattr``): ``capable(dev, cap: IommuCap) -> bool``, ``device_group(dev) ->
+IommuGroup | int``, ``get_resv_regions(dev) -> list[IommuResvRegion]``, ``probe_finalize(dev)``,
+and ``default_domain``: a static domain every device of the driver must use (a driver that can
+only switch StreamIDs between identity and blocked).
 """
 
 from __future__ import annotations
@@ -29,6 +35,35 @@ class DomainType(Enum):
         return self in (DomainType.UNMANAGED, DomainType.DMA, DomainType.DMA_FQ)
 
 
+class IommuCap(Enum):
+    """What ``capable(dev, cap)`` may be asked (Linux ``enum iommu_cap``)."""
+
+    CACHE_COHERENCY = "cache-coherency"
+    NOEXEC = "noexec"
+    DEFERRED_FLUSH = "deferred-flush"  # lazy invalidation is cheap: the DMA API may use a flush queue
+    DIRTY_TRACKING = "dirty-tracking"
+
+
+class ResvType(Enum):
+    """Linux ``enum iommu_resv_type``."""
+
+    DIRECT = "direct"  # must stay identity-mapped whatever the domain (firmware RMR): no blocking
+    DIRECT_RELAXABLE = "direct-relaxable"  # identity-mapped in the default domain, may be dropped
+    RESERVED = "reserved"  # never handed out as IOVA
+    MSI = "msi"  # hardware MSI window, never IOVA
+    SW_MSI = "sw-msi"  # the software-managed MSI window, never IOVA
+
+
+@dataclass(frozen=True)
+class IommuResvRegion:
+    """An IOVA range with a fixed purpose for one device (``get_resv_regions``)."""
+
+    start: int
+    length: int
+    prot: Prot
+    type: ResvType
+
+
 @dataclass
 class IommuFwspec:
     """What firmware says about a device's IOMMU: which IOMMU (by fwnode) and which IDs (StreamIDs)."""
@@ -45,7 +80,9 @@ class IommuDomain:
         self.type = domain_type
         self.pgsize_bitmap = pgsize_bitmap
         self.aperture_end = (1 << aperture_bits) - 1 if aperture_bits else 0
-        self.devices: list[Any] = []
+        self.devices: list[Any] = []  # kept by the IOMMU core: the devices attached to this domain
+        self.owner: Any = None  # the IommuOps that allocated the domain (set by the IOMMU core)
+        self.iova_cookie: Any = None  # the DMA API's state for DMA / DMA_FQ domains (IOMMU core)
 
     # Drivers override what their domain supports; the defaults refuse with -ENODEV.
     def attach_dev(self, dev: Any) -> int:
@@ -63,6 +100,11 @@ class IommuDomain:
 
     def flush_iotlb_all(self) -> None:
         """Invalidate everything this domain may have in IOTLBs (flush-queue drain)."""
+
+    def free_gathered_tables(self, gather: IotlbGather) -> None:
+        """Release the table pages an unmap left in ``gather``, now that no IOTLB or walk cache can
+        use them. The core calls it after ``iotlb_sync`` (strict) or after the flush queue's
+        ``flush_iotlb_all`` (lazy); drivers over ``IoPageTable`` forward to ``release_freed_tables``."""
 
     def iova_to_phys(self, iova: int) -> int:
         return 0
