@@ -3,7 +3,7 @@ stage-1 and stage-2 tables in simulated memory, for the host driver and for the 
 
 from pkvm_smmu.pgtable.allocator import PageAllocator, RangePageAllocator
 from pkvm_smmu.pgtable.config import PageTableConfig, S2Concat
-from pkvm_smmu.pgtable.gather import GatherRange, IotlbGather
+from pkvm_smmu.pgtable.gather import GatherRange, IotlbGather, TlbFlushOps
 from pkvm_smmu.pgtable.memory import BusTableMemory, TableMemory, TableMemoryAbort
 from pkvm_smmu.pgtable.prot import MAIR, Prot, leaf_attributes
 from pkvm_smmu.pgtable.table import IoPageTable, Leaf, MapResult
@@ -23,5 +23,6 @@ __all__ = [
     "S2Concat",
     "TableMemory",
     "TableMemoryAbort",
+    "TlbFlushOps",
     "leaf_attributes",
 ]

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
+
+
+class TlbFlushOps(Protocol):
+    """Synchronous invalidation a page table may ask for (Linux ``iommu_flush_ops``)."""
+
+    def tlb_flush_walk(self, iova: int, size: int, granule: int) -> None:
+        """Invalidate TLB and walk-cache entries for ``[iova, iova + size)`` and wait for it."""
+        ...
 
 
 class GatherRange(NamedTuple):

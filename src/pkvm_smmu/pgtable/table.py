@@ -2,10 +2,16 @@
 
 Semantics follow Linux's io-pgtable-arm together with the IOMMU core's page-size selection
 (``iommu_map``/``iommu_unmap``): ``map`` picks the largest permitted page size that the alignment
-of iova and paddr and the remaining length allow; mapping over any valid entry is ``-EEXIST``;
-unmapping part of a block unmaps nothing (unless the config asks for the old split behaviour);
-unmap stops at the first hole. Bad arguments are returned as negative errnos, never raised,
-because a caller may be the hypervisor handling values the host chose.
+of iova and paddr and the remaining length allow; mapping over a leaf, or over a table that
+still maps something, is ``-EEXIST``; unmapping part of a block unmaps nothing (unless the config
+asks for the old split behaviour); unmap stops at the first hole. Bad arguments are returned as
+negative errnos, never raised, because a caller may be the hypervisor handling host values.
+
+Removing a table page needs the walk caches invalidated before the page is reused. With
+``flush_ops`` (Linux's ``tlb_flush_walk``) that happens synchronously and the page is freed at
+once, and ``map`` may replace a table that maps nothing by a block, as Linux does. Without
+``flush_ops``, unmap leaves freed pages in the gather for the caller, and ``map`` over any table
+is ``-EEXIST``.
 
 Runs of entries in one table are written with a single ``write_table`` built from an
 ``array('Q')``: that is the path the hypervisor's gigabyte-sized identity maps take.
@@ -29,7 +35,7 @@ from pkvm_smmu.arch.vmsa import (
 )
 from pkvm_smmu.pgtable.allocator import PageAllocator
 from pkvm_smmu.pgtable.config import PageTableConfig
-from pkvm_smmu.pgtable.gather import IotlbGather
+from pkvm_smmu.pgtable.gather import IotlbGather, TlbFlushOps
 from pkvm_smmu.pgtable.memory import TableMemory
 from pkvm_smmu.pgtable.prot import Prot, leaf_attributes
 
@@ -89,13 +95,20 @@ class IoPageTable:
     model's counters.
     """
 
-    def __init__(self, config: PageTableConfig, memory: TableMemory, allocator: PageAllocator) -> None:
+    def __init__(
+        self,
+        config: PageTableConfig,
+        memory: TableMemory,
+        allocator: PageAllocator,
+        flush_ops: TlbFlushOps | None = None,
+    ) -> None:
         g = config.granule
         if allocator.granule_size != g.size:
             raise ValueError(f"allocator pages are {allocator.granule_size:#x} bytes, granule is {g.size:#x}")
         self.config = config
         self.memory = memory
         self.allocator = allocator
+        self.flush_ops = flush_ops
         self.granule = g
         self.pages_allocated = 0
         self.pte_writes = 0
@@ -110,6 +123,7 @@ class IoPageTable:
         root = allocator.alloc_pages(config.pgd_pages)
         if root is None:
             raise MemoryError("no memory for the page table's pgd")
+        self._check_table_pa(root)
         self.root = root
         self.pages_allocated = config.pgd_pages
 
@@ -132,15 +146,25 @@ class IoPageTable:
     def _alloc_table(self) -> int | None:
         pa = self.allocator.alloc_page()
         if pa is not None:
+            self._check_table_pa(pa)
             self.pages_allocated += 1
         return pa
 
-    def _free_table(self, pa: int, gather: IotlbGather | None) -> None:
-        if gather is None:
+    def _check_table_pa(self, pa: int) -> None:
+        if pa >> (52 if self._oa52 else 48) or pa & (self.granule.size - 1):
+            raise ValueError(f"table page {pa:#x} cannot be held in a descriptor")
+
+    def _release_tables(self, pages: list[int], iova: int, size: int, gather: IotlbGather | None) -> None:
+        """Table ``pages`` no longer reachable from the tree once covering ``[iova, iova + size)``."""
+        if self.flush_ops is not None:
+            self.flush_ops.tlb_flush_walk(iova, size, self.granule.size)
+        elif gather is not None:
+            gather.add_page(iova, size, self.granule.size, leaf=False)
+            gather.freed_tables.extend(pages)
+            return
+        for pa in pages:
             self.allocator.free_page(pa)
-            self.pages_allocated -= 1
-        else:
-            gather.add_freed_table(pa)
+        self.pages_allocated -= len(pages)
 
     def _write_run(self, pa: int, first: int, level: int, paddr: int, n: int) -> None:
         """Write ``n`` leaves (or a split's entries) mapping ``paddr`` onwards, starting at ``pa``."""
@@ -225,20 +249,56 @@ class IoPageTable:
         index = (iova >> self._shift[level]) & (self._entries[level] - 1)
         n = min(count, self._entries[level] - index)
         pa = table + (index << 3)
-        if not fresh and _any_valid(mem.read_table(pa, n << 3)):
-            return 0, -errno.EEXIST  # a leaf, or a table where this block would go
+        if not fresh:
+            raw = mem.read_table(pa, n << 3)
+            if _any_valid(raw) and not self._replace_empty_tables(raw, pa, iova, level):
+                return 0, -errno.EEXIST  # a leaf, or a table still in use where this block would go
         first = attrs | (DESC_PAGE if level == 3 else DESC_BLOCK)
         first |= make_desc_output_address(paddr, self.granule, level, self._oa52)
         self._write_run(pa, first, level, paddr, n)
         return n, 0
+
+    def _replace_empty_tables(self, raw: bytes, pa: int, iova: int, level: int) -> bool:
+        """Remove the tables among ``raw``'s entries if none maps anything (needs ``flush_ops``)."""
+        if self.flush_ops is None or level == 3:
+            return False
+        doomed: list[tuple[int, list[int]]] = []
+        for i, pte in enumerate(_load(raw)):
+            if not pte & 1:
+                continue
+            pages = self._leafless_subtree(self._table_addr(pte), level + 1) if pte & 2 else None
+            if pages is None:
+                return False
+            doomed.append((i, pages))
+        size = 1 << self._shift[level]
+        for i, pages in doomed:
+            self.memory.write_u64(pa + (i << 3), 0)
+            self.pte_writes += 1
+            self._release_tables(pages, iova + i * size, size, None)
+        return True
+
+    def _leafless_subtree(self, table: int, level: int) -> list[int] | None:
+        """``table`` and the tables below it, or None if any of them holds a valid leaf."""
+        out = [table]
+        for pte in _load(self.memory.read_table(table, self.granule.size)):
+            if not pte & 1:
+                continue
+            if level == 3 or not pte & 2:
+                return None
+            below = self._leafless_subtree(self._table_addr(pte), level + 1)
+            if below is None:
+                return None
+            out.extend(below)
+        return out
 
     # -- unmap ----------------------------------------------------------------------------------
     def unmap(self, iova: int, size: int, gather: IotlbGather | None = None) -> int:
         """Unmap ``[iova, iova + size)``; returns the bytes unmapped from ``iova`` onwards.
 
         Stops at the first hole, or at a block only partly inside the range (0 bytes for it unless
-        ``split_blocks``). With a gather, table pages freed stay allocated until
-        ``release_freed_tables``; without one they are freed at once.
+        ``split_blocks``). Without ``flush_ops``, table pages removed go to the gather and stay
+        allocated until ``release_freed_tables``; with neither, they are freed at once and the
+        caller must invalidate before the allocator hands them out again.
         """
         cfg = self.config
         if iova < 0 or size <= 0 or (iova | size) & (cfg.min_pgsize - 1) or iova + size > 1 << cfg.ias:
@@ -282,15 +342,14 @@ class IoPageTable:
         if not n:
             return 0
         size = 1 << self._shift[level]
-        if level < 3:
-            for i, pte in enumerate(_load(raw[: n << 3])):
-                if pte & 2:  # a table under a block-sized unmap: it goes, with everything below
-                    for sub in self._subtree(self._table_addr(pte), level + 1):
-                        self._free_table(sub, gather)
-                    if gather is not None:
-                        gather.add_page(iova + i * size, size, self.granule.size, leaf=False)
+        # tables under a block-sized unmap go, with everything below them
+        tables = [(i, pte) for i, pte in enumerate(_load(raw[: n << 3])) if pte & 2] if level < 3 else []
         mem.write_table(pa, bytes(n << 3))
         self.pte_writes += n
+        for i, pte in tables:
+            self._release_tables(
+                self._subtree(self._table_addr(pte), level + 1), iova + i * size, size, gather
+            )
         if gather is not None:
             gather.add_page(iova, n * size, size)
         if self.config.free_empty_tables:
@@ -333,10 +392,8 @@ class IoPageTable:
             parent, level, pte_pa = path.pop()
             self.memory.write_u64(pte_pa, 0)
             self.pte_writes += 1
-            if gather is not None:
-                block = self.granule.block_size(level)
-                gather.add_page(iova & ~(block - 1), block, self.granule.size, leaf=False)
-            self._free_table(table, gather)
+            block = self.granule.block_size(level)
+            self._release_tables([table], iova & ~(block - 1), block, gather)
             table = parent
 
     def release_freed_tables(self, gather: IotlbGather) -> int:
