@@ -546,6 +546,51 @@ class SmmuHarness:
         return events[0]
 
 
+IPA_OFFSET = 0x40_0000_0000  # nested streams: table IPAs are PA + this
+DATA_IPA = 0x7_0000_0000
+NESTED_VA = 0x5555_0000_0000
+
+
+@dataclass
+class NestedStream:
+    """A nested (stage 1 + stage 2) stream whose stage-1 tables and CD live at IPAs."""
+
+    sid: int
+    vmid: int
+    asid: int
+    va: int  # NESTED_VA, mapped by stage 1 to DATA_IPA ...
+    ipa: int
+    pa: int  # ... which stage 2 maps to this buffer (2 * the larger granule)
+    size: int
+    s1: IoPageTable
+    s2: IoPageTable
+    s1_memory: Stage2TableMemory
+    cd_ipa: int
+    cd_pa: int
+
+
+def nested_stream(
+    h: SmmuHarness,
+    s1_granule: int = 4096,
+    s2_granule: int = 4096,
+    *,
+    sid: int = 5,
+    vmid: int = 2,
+    asid: int = 4,
+    **ste_fields: int,
+) -> NestedStream:
+    s2 = h.s2_table(s2_granule, ias=48)
+    s1, s1_memory = h.nested_s1_table(s2, IPA_OFFSET, s1_granule, ias=48)
+    size = 2 * max(s1_granule, s2_granule)
+    buf = h.buffer(size, size // 2)
+    map_pages(s2, DATA_IPA, buf, size)
+    map_pages(s1, NESTED_VA, DATA_IPA, size)
+    cd_ipa, cd_pa = h.nested_alloc(s2, IPA_OFFSET, 64)
+    h.write_cd(cd_ipa, 0, h.cd(s1, asid=asid), memory=s1_memory)
+    h.write_ste(sid, h.ste_nested(cd_ipa, s2, vmid, **ste_fields))
+    return NestedStream(sid, vmid, asid, NESTED_VA, DATA_IPA, buf, size, s1, s2, s1_memory, cd_ipa, cd_pa)
+
+
 def harness(
     features: SmmuFeatures | None = None, options: SmmuOptions | None = None, **init: object
 ) -> SmmuHarness:
