@@ -107,10 +107,12 @@ def decode_ste(
             return illegal("S1STALLD set but the stall model is not configurable")
 
     eats = STE.EATS.get(ste) if features.ats else 0
+    if config == SteConfig.BYPASS or eats == Eats.TRANS_DPT:
+        # EATS is IGNORED when Config[1:0] == 0b00 (effective 0b00), and 0b11 is reserved and
+        # behaves as 0b00 without SMMU_IDR3.DPT (§5.2 STE.EATS): neither makes the STE ILLEGAL.
+        eats = Eats.ABT
     if eats == Eats.S1CHK and config != SteConfig.NESTED:
         return illegal("EATS=S1CHK requires nested configuration")
-    if eats == Eats.TRANS_DPT:
-        return illegal("EATS=0b11 requires DPT")
 
     world = WORLD_EL1
     if not s2:

@@ -11,14 +11,13 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from pkvm_smmu.machine.smmu.tlb import TlbEntry
-
 from pkvm_smmu.arch.events import EVENT_FIELDS, EventType, FaultClass, build_event
 from pkvm_smmu.arch.registers import GBPA
 from pkvm_smmu.arch.strtab import Eats, S1Dss, SteConfig
 from pkvm_smmu.machine.bus import ExternalAbort, Initiator, InitiatorKind
 from pkvm_smmu.machine.smmu.config import ConfigFault
 from pkvm_smmu.machine.smmu.decode import ContextConfig, StreamConfig
+from pkvm_smmu.machine.smmu.tlb import TlbEntry
 from pkvm_smmu.machine.smmu.types import (
     Outcome,
     Transaction,
@@ -86,6 +85,10 @@ class Translator:
         self._walk_initiators: dict[int, Initiator] = {}
         self._device_initiators: dict[tuple[int, int | None], Initiator] = {}
         self._answering_ats = False
+        # While answering a Translation Request: a configuration error was met (-> CA), and the
+        # stage-1 output address (an IPA when nested: the split-stage ATS completion).
+        self._ats_config_error = False
+        self._ats_ipa = 0
 
     # -- device-facing ------------------------------------------------------------------------
     def translate(self, txn: Transaction) -> TranslationResult:
@@ -166,18 +169,24 @@ class Translator:
             # "Fast mode": ATS Translated traffic passes with no stream table or TLB lookup.
             return TranslationResult(Outcome.OK, txn.address)
         stream = self.smmu.config_cache.lookup_stream(txn.stream_id)
-        if isinstance(stream, ConfigFault):
-            return self._report(txn, self._config_fault(stream))
-        if stream.illegal is not None:
-            return self._report(txn, _Fault(EventType.C_BAD_STE))
-        if stream.config == SteConfig.ABORT:
+        if isinstance(stream, ConfigFault) or stream.illegal is not None or stream.config == SteConfig.ABORT:
+            # Aborted; configuration errors are recorded only with SMMU_CR2.REC_CFG_ATS, which this
+            # model does not implement (§3.9.1.3).
             return _ABORT
-        if stream.eats in (Eats.TRANS, Eats.TRANS_DPT):
+        eats = self._effective_eats(stream)
+        if eats == Eats.TRANS:
             return TranslationResult(Outcome.OK, txn.address)
-        if stream.eats == Eats.S1CHK and stream.s2_walk is not None:
-            # Split-stage ATS: the device holds an IPA, which stage 2 still translates.
-            return self._stage2_only(txn, stream, txn.privileged, False)
+        if eats == Eats.S1CHK and stream.s2_walk is not None:
+            # Split-stage ATS: the device holds an IPA, which stage 2 still translates. Without
+            # SMMU_IDR3.PASIDTT the transaction counts as PnU = 0, InD = 0 (before PRIVCFG).
+            return self._stage2_only(txn, stream, stream.privcfg == 3, False)
         return self._report(txn, _Fault(EventType.F_TRANSL_FORBIDDEN))
+
+    def _effective_eats(self, stream: StreamConfig) -> int:
+        """STE.EATS as it behaves: split-stage needs CR0.ATSCHK, else it behaves as 0b00 (§5.2)."""
+        if stream.eats == Eats.S1CHK and not self.smmu.atschk:
+            return Eats.ABT
+        return stream.eats
 
     # -- the full flow -------------------------------------------------------------------------
     def _translate_slow(self, txn: Transaction) -> TranslationResult:
@@ -271,6 +280,8 @@ class Translator:
             ipa = entry.ipa_base + (tlb_va - entry.input_base)
             return self._report(txn, _Fault(EventType.F_PERMISSION, 2, ipa=ipa, record=stream.s2_record))
         offset = entry.output_base - entry.input_base + (tlb_va - va)
+        if self._answering_ats:
+            self._ats_ipa = entry.ipa_base + (tlb_va - entry.input_base)
         if not instruction and privileged == txn.privileged:
             self._micro_tlb[(txn.stream_id, txn.substream_id, va >> _PAGE_SHIFT)] = (entry, offset)
         return TranslationResult(Outcome.OK, va + offset)
@@ -493,11 +504,19 @@ class Translator:
             "IPA": fault.ipa & ~(_PAGE_SIZE - 1),
             "FETCHADDR": fault.fetch_address & ~0x7,
         }
+        if fault.event_type == EventType.F_BAD_ATS_TREQ:
+            # The request's permissions (R is always 1 in PCIe; W = !NW) and one STU (§7.3.6).
+            fields.update(R=1, W=int(txn.is_write), P=int(txn.privileged), X=int(txn.instruction), SPAN=1)
         allowed = EVENT_FIELDS[fault.event_type]
         record = build_event(fault.event_type, **{k: v for k, v in fields.items() if k in allowed})
         # Stage-2 faults always abort (A is fixed to 1); stage-1 faults follow CD.A.
         outcome = Outcome.ABORT if fault.abort or fault.stage == 2 else Outcome.RAZ_WI
-        record_it = fault.record and not (self._answering_ats and fault.event_type in _TRANSLATION_FAULTS)
+        # A Translation Request records nothing (§3.9.1.2, §7.3.6): translation faults become a
+        # response without permissions, configuration errors a Completer Abort.
+        answering_ats = self._answering_ats
+        if answering_ats and fault.event_type not in _TRANSLATION_FAULTS:
+            self._ats_config_error = True
+        record_it = fault.record and not answering_ats
         recorded = self.smmu.record_event(record) if record_it else False
         trace = self.smmu.trace
         if trace is not None and trace.enabled:
@@ -518,30 +537,42 @@ class Translator:
     def ats_request(
         self, sid: int, ssid: int | None, address: int, is_write: bool, privileged: bool = False
     ) -> AtsResponse:
-        """Answer a Translation Request per STE.EATS. Translation faults come back in the response
-        (no permissions), not as events; configuration errors are recorded and complete with CA."""
+        """Answer a Translation Request per the effective STE.EATS (IHI 0070 §3.9.1.2). Translation
+        faults come back in the response (no permissions), configuration errors complete with CA;
+        neither is recorded (SMMU_CR2.REC_CFG_ATS is not implemented). A refused request (SMMUEN=0,
+        effective EATS=0b00) completes with UR and records F_BAD_ATS_TREQ."""
         smmu = self.smmu
-        if not smmu.smmu_enabled or not smmu.features.ats:
+        if not smmu.features.ats:
             return AtsResponse(AtsStatus.UNSUPPORTED_REQUEST)
         txn = Transaction(sid, address & ~(_PAGE_SIZE - 1), _PAGE_SIZE, is_write, ssid, privileged)
-        stream = smmu.config_cache.lookup_stream(sid)
-        if isinstance(stream, ConfigFault):
-            self._report(txn, self._config_fault(stream))
-            return AtsResponse(AtsStatus.COMPLETER_ABORT)
-        if stream.illegal is not None:
-            return AtsResponse(AtsStatus.COMPLETER_ABORT)
-        if stream.eats == Eats.ABT or stream.config == SteConfig.ABORT:
+        if not smmu.smmu_enabled:
             self._report(txn, _Fault(EventType.F_BAD_ATS_TREQ))
             return AtsResponse(AtsStatus.UNSUPPORTED_REQUEST)
-        if stream.eats == Eats.S1CHK:
-            stream = replace(stream, s2=False, config=SteConfig.S1_TRANS)  # stage-1 result (an IPA)
-        read, write = (self._ats_probe(txn, stream, is_write_probe) for is_write_probe in (False, True))
+        stream = smmu.config_cache.lookup_stream(sid)
+        if isinstance(stream, ConfigFault) or stream.illegal is not None:
+            return AtsResponse(AtsStatus.COMPLETER_ABORT)
+        if stream.config == SteConfig.ABORT:
+            return AtsResponse(AtsStatus.UNSUPPORTED_REQUEST)  # silently (STE.Config == 0b000)
+        eats = self._effective_eats(stream)
+        if eats == Eats.ABT:
+            self._report(txn, _Fault(EventType.F_BAD_ATS_TREQ))
+            return AtsResponse(AtsStatus.UNSUPPORTED_REQUEST)
+        self._ats_config_error = False
+        self._ats_ipa = txn.address  # stage 1 skipped: an identity-mapped completion
+        read = self._ats_probe(txn, stream, False)
+        ipa = self._ats_ipa
+        write = self._ats_probe(txn, stream, True)
+        if self._ats_config_error:
+            return AtsResponse(AtsStatus.COMPLETER_ABORT)
+        if read.outcome is not Outcome.OK:
+            if write.outcome is not Outcome.OK:
+                return AtsResponse(AtsStatus.SUCCESS, 0, _PAGE_SIZE)
+            ipa = self._ats_ipa
         ok = read if read.outcome is Outcome.OK else write
-        if ok.outcome is not Outcome.OK:
-            return AtsResponse(AtsStatus.SUCCESS, 0, _PAGE_SIZE)
+        # Split-stage ATS completes with the stage-1 output (an IPA) that stage 2 translates later.
         return AtsResponse(
             AtsStatus.SUCCESS,
-            ok.output_address,
+            ipa if eats == Eats.S1CHK else ok.output_address,
             _PAGE_SIZE,
             readable=read.outcome is Outcome.OK,
             writable=write.outcome is Outcome.OK,
