@@ -36,6 +36,11 @@ class Feat(IntFlag):
     S2FWB = 1 << 23
 
 
+def feat_names(features: Feat) -> str:
+    """``TRANS_S1|TRANS_S2|...`` for traces."""
+    return "|".join(f.name for f in Feat if f and f in features and f.name) or "NONE"
+
+
 class Opt(IntFlag):
     """``smmu->options``."""
 
@@ -93,4 +98,5 @@ __all__ = [
     "STRTAB_SPLIT",
     "Feat",
     "Opt",
+    "feat_names",
 ]
