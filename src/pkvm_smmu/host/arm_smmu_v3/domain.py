@@ -36,7 +36,14 @@ from pkvm_smmu.host.arm_smmu_v3.ste import (
     make_nested_domain_ste,
     make_s2_domain_ste,
 )
-from pkvm_smmu.host.iommu.ops import DomainType, IommuDomain, IommuFwspec
+from pkvm_smmu.host.iommu.ops import (
+    DomainType,
+    IommuCap,
+    IommuDomain,
+    IommuFwspec,
+    IommuResvRegion,
+    ResvType,
+)
 from pkvm_smmu.pgtable.config import PageTableConfig
 from pkvm_smmu.pgtable.gather import IotlbGather
 from pkvm_smmu.pgtable.prot import Prot
@@ -45,6 +52,8 @@ from pkvm_smmu.pgtable.table import IoPageTable
 if TYPE_CHECKING:
     from pkvm_smmu.host.arm_smmu_v3.device import ArmSmmuDevice, DmaMemory
 
+MSI_IOVA_BASE = 0x0800_0000  # the software-managed MSI window every domain reserves
+MSI_IOVA_LENGTH = 0x10_0000
 VA_BITS = 48  # the kernel's VA size, which caps stage-1 input addresses (Linux: min(ias, VA_BITS))
 MAX_TLBI_OPS_SHIFT = 3  # arm_smmu_inv_size_too_big: 1 << (log2(granule) - 3) commands at most
 
@@ -777,6 +786,20 @@ class ArmSmmuIommuOps:
 
     def def_domain_type(self, dev: Any) -> DomainType | None:
         return None
+
+    def capable(self, dev: Any, cap: IommuCap) -> bool:
+        features = self.smmu.features
+        if cap is IommuCap.CACHE_COHERENCY:
+            return bool(features & Feat.COHERENCY)  # a coherent TCU implies coherent TBUs
+        if cap in (IommuCap.NOEXEC, IommuCap.DEFERRED_FLUSH):
+            return True
+        if cap is IommuCap.DIRTY_TRACKING:
+            return features & (Feat.HD | Feat.COHERENCY) == Feat.HD | Feat.COHERENCY
+        return False
+
+    def get_resv_regions(self, dev: Any) -> list[IommuResvRegion]:
+        prot = Prot.WRITE | Prot.NOEXEC | Prot.MMIO
+        return [IommuResvRegion(MSI_IOVA_BASE, MSI_IOVA_LENGTH, prot, ResvType.SW_MSI)]
 
 
 __all__ = [

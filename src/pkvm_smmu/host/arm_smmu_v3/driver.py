@@ -1,0 +1,214 @@
+"""The platform driver (``arm_smmu_driver``): ``compatible = "arm,smmu-v3"``, registered from an
+initcall, probing each matching platform device and registering it with the IOMMU core.
+
+Natively the driver registers at ``device_initcall``; under pKVM (a later issue) the same driver
+registers at ``device_initcall_sync``, once the hypervisor has taken the SMMU over, so the level is
+a parameter.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pkvm_smmu.host.arm_smmu_v3.device import ArmSmmuDevice, ArmSmmuParams, DmaMemory, MsiAlloc
+from pkvm_smmu.host.arm_smmu_v3.domain import ArmSmmuIommuOps
+from pkvm_smmu.host.arm_smmu_v3.features import Opt
+from pkvm_smmu.host.driver_core import InitcallLevel, Kernel
+from pkvm_smmu.host.driver_core.platform import (
+    IORESOURCE_IRQ,
+    IORESOURCE_MEM,
+    PlatformDevice,
+    PlatformDriver,
+    platform_driver_register,
+    platform_driver_unregister,
+    platform_get_resource,
+    resource_type,
+)
+from pkvm_smmu.host.hw import Cpu
+from pkvm_smmu.host.mm import HostTableMemory
+from pkvm_smmu.pgtable.allocator import PageAllocator
+from pkvm_smmu.trace.bus import TraceBus
+
+ARM_SMMU_DRIVER_NAME = "arm-smmu-v3"
+ARM_SMMU_COMPATIBLE = "arm,smmu-v3"
+# DT quirk properties -> options (parse_driver_options).
+DT_OPTIONS = {
+    "hisilicon,broken-prefetch-cmd": Opt.SKIP_PREFETCH,
+    "cavium,cn9900-broken-page1-regspace": Opt.PAGE0_REGS_ONLY,
+}
+
+IrqHandler = Callable[[], bool]
+
+
+class IommuRegistry(Protocol):
+    """The IOMMU core calls the driver needs (``iommu_device_register``)."""
+
+    def iommu_device_register(self, iommu: Any, ops: Any, fwnode: Any, name: str | None = None) -> int: ...
+
+    def iommu_device_unregister(self, iommu: Any) -> int: ...
+
+
+@dataclass(frozen=True)
+class SmmuFirmware:
+    """What ``arm_smmu_device_dt_probe`` reads from the SMMU's node besides its resources."""
+
+    dma_coherent: bool = True
+    iommu_cells: int = 1
+    options: frozenset[str] = frozenset()
+
+
+@dataclass
+class ArmSmmuEnv:
+    """The kernel services the driver uses, handed over by whoever assembles the host kernel."""
+
+    cpu: Cpu
+    mm: DmaMemory
+    iommu: IommuRegistry
+    trace: TraceBus = field(default_factory=TraceBus)
+    pgtable_allocator: PageAllocator | None = None
+    # The node's properties by fwnode (None: defaults: coherent, one cell, no quirks).
+    firmware: Callable[[Hashable | None], SmmuFirmware | None] | None = None
+    # request_irq(pdev, irq, name, handler) -> 0 or -errno; None: no interrupt plumbing.
+    request_irq: Callable[[PlatformDevice, int, str, IrqHandler], int] | None = None
+    msi_alloc: Callable[[PlatformDevice], MsiAlloc | None] | None = None
+    disable_bypass: bool = True
+    disable_msipolling: bool = False
+
+
+class ArmSmmuV3Driver:
+    """``arm_smmu_driver`` bound to one kernel."""
+
+    def __init__(
+        self, kernel: Kernel, env: ArmSmmuEnv, level: InitcallLevel | str = InitcallLevel.DEVICE
+    ) -> None:
+        self.kernel = kernel
+        self.env = env
+        self.level = InitcallLevel.parse(level)
+        self.smmus: dict[int, ArmSmmuDevice] = {}  # id(pdev) -> device
+        self.driver = PlatformDriver(
+            ARM_SMMU_DRIVER_NAME,
+            self.probe,
+            self.remove,
+            of_match_table=(ARM_SMMU_COMPATIBLE,),
+            suppress_bind_attrs=True,
+        )
+
+    def register(self) -> None:
+        """``module_driver(arm_smmu_driver, platform_driver_register, ...)`` at ``self.level``."""
+        self.kernel.register_initcall(
+            self.level, lambda: platform_driver_register(self.kernel, self.driver), "arm_smmu_driver_init"
+        )
+
+    def unregister(self) -> None:
+        platform_driver_unregister(self.kernel, self.driver)
+
+    # -- probe ----------------------------------------------------------------------------------
+    def probe(self, pdev: PlatformDevice) -> int:
+        """``arm_smmu_device_probe``."""
+        env = self.env
+        fw = env.firmware(pdev.fwnode) if env.firmware is not None else None
+        fw = fw if fw is not None else SmmuFirmware()
+        if fw.iommu_cells != 1:
+            self._emit(pdev, "err", message=f"invalid #iommu-cells value ({fw.iommu_cells})")
+            return -errno.EINVAL
+        options = Opt.NONE
+        for prop, opt in DT_OPTIONS.items():
+            if prop in fw.options:
+                options |= opt
+        res = platform_get_resource(pdev, IORESOURCE_MEM, 0)
+        if res is None:
+            return -errno.EINVAL
+        irqs = {r.name: r.start for r in pdev.resources if resource_type(r) == IORESOURCE_IRQ and r.name}
+        if "combined" in irqs:
+            irqs = {"combined": irqs["combined"]}
+        params = ArmSmmuParams(
+            disable_bypass=env.disable_bypass,
+            disable_msipolling=env.disable_msipolling,
+            coherent=fw.dma_coherent,
+            options=options,
+        )
+        smmu = ArmSmmuDevice(
+            env.cpu,
+            env.mm,
+            res.start,
+            res.size,
+            name=pdev.name or "smmu",
+            params=params,
+            pgtable_memory=HostTableMemory(env.cpu),
+            pgtable_allocator=env.pgtable_allocator,
+            trace=env.trace,
+            irqs=tuple(irqs),
+            msi_alloc=env.msi_alloc(pdev) if env.msi_alloc is not None else None,
+        )
+        ret = smmu.probe()
+        if ret:
+            return ret
+        self._request_irqs(pdev, smmu, irqs)
+        ops = ArmSmmuIommuOps(smmu)
+        pdev.driver_data = smmu
+        self.smmus[id(pdev)] = smmu
+        ret = env.iommu.iommu_device_register(smmu, ops, pdev.fwnode, f"smmu3.{res.start:#x}")
+        if ret:
+            smmu.dev_err("Failed to register iommu", error=ret)
+            smmu.device_disable()
+            del self.smmus[id(pdev)]
+            pdev.driver_data = None
+            return ret
+        return 0
+
+    def _request_irqs(self, pdev: PlatformDevice, smmu: ArmSmmuDevice, irqs: dict[str, int]) -> None:
+        request = self.env.request_irq
+        if request is None:
+            return
+        handlers = smmu.irq_handlers()
+        for name, irq in irqs.items():
+            handler = handlers.get(name)
+            if handler is None:
+                continue  # e.g. cmdq-sync: Linux never requests it
+            if request(pdev, irq, f"arm-smmu-v3-{name}", handler):
+                smmu.dev_warn(f"failed to enable {name} irq")
+
+    def remove(self, pdev: PlatformDevice) -> None:
+        """``arm_smmu_device_remove``."""
+        smmu = self.smmus.pop(id(pdev), None)
+        if smmu is None:
+            return
+        self.env.iommu.iommu_device_unregister(smmu)
+        smmu.device_disable()
+        pdev.driver_data = None
+
+    def shutdown(self, pdev: PlatformDevice) -> None:
+        smmu = self.smmus.get(id(pdev))
+        if smmu is not None:
+            smmu.device_disable()
+
+    def _emit(self, pdev: PlatformDevice, kind: str, **fields: Any) -> None:
+        if self.env.trace.enabled:
+            self.env.trace.emit(f"arm-smmu-v3.{pdev.name}", kind, **fields)
+
+
+def smmu_firmware_from_descs(descs: Sequence[Any]) -> Callable[[Hashable | None], SmmuFirmware | None]:
+    """A ``firmware`` lookup over ``host.firmware.smmu_descs(fw)``."""
+    by_node = {id(d.fwnode): d for d in descs}
+
+    def lookup(fwnode: Hashable | None) -> SmmuFirmware | None:
+        desc = by_node.get(id(fwnode))
+        if desc is None:
+            return None
+        return SmmuFirmware(dma_coherent=bool(desc.dma_coherent), options=frozenset(desc.options))
+
+    return lookup
+
+
+__all__ = [
+    "ARM_SMMU_COMPATIBLE",
+    "ARM_SMMU_DRIVER_NAME",
+    "ArmSmmuEnv",
+    "ArmSmmuV3Driver",
+    "IommuRegistry",
+    "SmmuFirmware",
+    "smmu_firmware_from_descs",
+]
