@@ -76,6 +76,16 @@ def test_map_decomposes_into_largest_leaves(make_rig, iova_pages, delta, size_pa
         for va, leaf, pa in greedy(iova, paddr, size, [4 * KiB, 2 * MiB, GiB])
     ]
     assert [(leaf.iova, leaf.size, leaf.desc) for leaf in rig.table.walk_leaves()] == expected
+    assert expand_runs(rig.table) == expected
+
+
+def expand_runs(table) -> list[tuple[int, int, int]]:
+    """walk_runs() spelled out leaf by leaf."""
+    return [
+        (run.iova + k * run.pgsize, run.pgsize, run.desc + k * run.pgsize)
+        for run in table.walk_runs()
+        for k in range(run.entries)
+    ]
 
 
 OPS = st.lists(
@@ -117,3 +127,4 @@ def test_random_map_unmap_against_a_page_dict(make_rig, ops) -> None:
     assert {leaf.iova >> 12: leaf.desc & 0xFF_FFFF_F000 for leaf in table.walk_leaves()} == {
         q: pa << 12 for q, pa in model.items()
     }
+    assert expand_runs(table) == [(leaf.iova, leaf.size, leaf.desc) for leaf in table.walk_leaves()]

@@ -301,6 +301,23 @@ def test_walk_leaves_range(make_rig) -> None:
     assert inside == [2 * MiB, GiB, GiB + 4 * KiB]
 
 
+def test_walk_runs_groups_contiguous_leaves(make_rig) -> None:
+    rig = make_rig(s2_4k(pgsize_bitmap=4 * KiB))
+    table = rig.table
+    table.map(0, 64 * MiB, 8 * MiB, RW)
+    table.map(8 * MiB, 80 * MiB, 4 * MiB, RW)  # contiguous input, discontiguous output
+    runs = [(r.iova, r.pgsize, r.entries, r.level, r.desc & 0xFFFF_FFFF_F000) for r in table.walk_runs()]
+    assert runs == [(0, 4 * KiB, 2048, 3, 64 * MiB), (8 * MiB, 4 * KiB, 1024, 3, 80 * MiB)]
+    table.unmap(MiB, 4 * KiB)
+    table.map(MiB, MiB, 4 * KiB, RW)  # in place, but pointing elsewhere
+    sizes = [(r.iova, r.entries) for r in table.walk_runs()]
+    assert sizes == [(0, 256), (MiB, 1), (MiB + 4 * KiB, 1791), (8 * MiB, 1024)]
+    assert [(r.iova, r.entries) for r in table.walk_runs(2 * MiB, 9 * MiB)] == [
+        (2 * MiB, 1536),
+        (8 * MiB, 512),
+    ]
+
+
 def test_table_pages_and_free_all(make_rig) -> None:
     rig = make_rig(s2_4k())
     rig.table.map(0, 0, 8 * KiB, RW)

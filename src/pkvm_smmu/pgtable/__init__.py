@@ -6,7 +6,7 @@ from pkvm_smmu.pgtable.config import PageTableConfig, S2Concat
 from pkvm_smmu.pgtable.gather import GatherRange, IotlbGather, TlbFlushOps
 from pkvm_smmu.pgtable.memory import BusTableMemory, TableMemory, TableMemoryAbort
 from pkvm_smmu.pgtable.prot import MAIR, Prot, leaf_attributes
-from pkvm_smmu.pgtable.table import IoPageTable, Leaf, MapResult
+from pkvm_smmu.pgtable.table import IoPageTable, Leaf, LeafRun, MapResult
 
 __all__ = [
     "MAIR",
@@ -15,6 +15,7 @@ __all__ = [
     "IoPageTable",
     "IotlbGather",
     "Leaf",
+    "LeafRun",
     "MapResult",
     "PageAllocator",
     "PageTableConfig",

@@ -23,6 +23,7 @@ import errno
 import sys
 from array import array
 from collections.abc import Iterator
+from functools import lru_cache
 from typing import NamedTuple
 
 from pkvm_smmu.arch.vmsa import (
@@ -68,11 +69,34 @@ class Leaf(NamedTuple):
     pte_pa: int
 
 
-def _descs(first: int, step: int, n: int) -> array[int]:
-    out = array("Q", range(first, first + n * step, step))
-    if _SWAP:
-        out.byteswap()
-    return out
+class LeafRun(NamedTuple):
+    """``entries`` same-level leaves mapping ``[iova, iova + entries * pgsize)``, descriptor ``k``
+    being ``desc + k * pgsize``: contiguous output, identical attributes."""
+
+    iova: int
+    pgsize: int
+    entries: int
+    level: int
+    desc: int
+
+    @property
+    def size(self) -> int:
+        return self.pgsize * self.entries
+
+
+@lru_cache(maxsize=32)
+def _lanes(n: int) -> tuple[int, int]:
+    """As integers of ``n`` little-endian 64-bit lanes: every lane 1, and lane k = k."""
+    ones = ((1 << (64 * n)) - 1) // ((1 << 64) - 1)
+    ramp = int.from_bytes(b"".join(k.to_bytes(8, "little") for k in range(n)), "little")
+    return ones, ramp
+
+
+def _descs(first: int, step: int, n: int) -> bytes:
+    """``n`` little-endian descriptors ``first + k * step``, built in one big-integer expression
+    (no lane can carry into the next: each value fits in 64 bits)."""
+    ones, ramp = _lanes(n)
+    return (first * ones + step * ramp).to_bytes(8 * n, "little")
 
 
 def _load(raw: bytes) -> array[int]:
@@ -172,7 +196,7 @@ class IoPageTable:
         if n == 1:
             self.memory.write_u64(pa, first)
         elif not self._oa52 or paddr + n * step <= 1 << 48:
-            self.memory.write_table(pa, memoryview(_descs(first, step, n)))
+            self.memory.write_table(pa, _descs(first, step, n))
         else:  # OA[51:48] sits in bits [15:12]: the encoding is not linear across 2^48
             base = first & ~make_desc_output_address(paddr, self.granule, level, True)
             values = array(
@@ -445,6 +469,49 @@ class IoPageTable:
                 yield from self._walk(self._table_addr(pte), level + 1, va, start, stop)
             elif (level == 3) == bool(pte & 2) and level in self._leaf_levels:
                 yield Leaf(va, size, level, pte, table + (i << 3))
+
+    def walk_runs(self, start: int = 0, end: int | None = None) -> Iterator[LeafRun]:
+        """``walk_leaves`` grouped into maximal runs (see ``LeafRun``); a leaf table built in bulk
+        is checked as a whole, so a gigabyte identity map is a handful of runs, quickly."""
+        run: LeafRun | None = None
+        stop = 1 << self.config.ias if end is None else end
+        for piece in self._runs(self.root, self._start, 0, start, stop):
+            if (
+                run is not None
+                and piece.level == run.level
+                and piece.iova == run.iova + run.size
+                and piece.desc == run.desc + run.size
+            ):
+                run = run._replace(entries=run.entries + piece.entries)
+                continue
+            if run is not None:
+                yield run
+            run = piece
+        if run is not None:
+            yield run
+
+    def _runs(self, table: int, level: int, base: int, start: int, stop: int) -> Iterator[LeafRun]:
+        shift = self._shift[level]
+        size = 1 << shift
+        first = max(0, (start - base) >> shift)
+        last = min(self._entries[level], -(-(stop - base) // size))
+        if first >= last:
+            return
+        raw = self.memory.read_table(table + (first << 3), (last - first) << 3)
+        head = int.from_bytes(raw[:8], "little")
+        leaf_bits = DESC_PAGE if level == 3 else DESC_BLOCK
+        n = last - first
+        if level in self._leaf_levels and head & 3 == leaf_bits and raw == _descs(head, size, n):
+            yield LeafRun(base + (first << shift), size, n, level, head)
+            return
+        for i, pte in enumerate(_load(raw), first):
+            if not pte & 1:
+                continue
+            va = base + (i << shift)
+            if level < 3 and pte & 2:
+                yield from self._runs(self._table_addr(pte), level + 1, va, start, stop)
+            elif (level == 3) == bool(pte & 2) and level in self._leaf_levels:
+                yield LeafRun(va, size, 1, level, pte)
 
     def table_pages(self) -> list[int]:
         """Physical addresses of every table page of the tree, the pgd's pages first."""
