@@ -314,7 +314,7 @@ def test_walk_runs_groups_contiguous_leaves(make_rig) -> None:
     assert sizes == [(0, 256), (MiB, 1), (MiB + 4 * KiB, 1791), (8 * MiB, 1024)]
     assert [(r.iova, r.entries) for r in table.walk_runs(2 * MiB, 9 * MiB)] == [
         (2 * MiB, 1536),
-        (8 * MiB, 512),
+        (8 * MiB, 256),
     ]
 
 
