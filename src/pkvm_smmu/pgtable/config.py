@@ -13,7 +13,9 @@ from pkvm_smmu.arch.vmsa import (
     ps_encoding,
     tg0_encoding,
 )
-from pkvm_smmu.pgtable.prot import MAIR
+from pkvm_smmu.pgtable.prot import MAIR, Prot
+
+__all__ = ["MAX_IAS", "PageTableConfig", "Prot", "S2Concat"]
 
 MAX_IAS = 48  # no 52-bit input (FEAT_LVA) modelled
 
