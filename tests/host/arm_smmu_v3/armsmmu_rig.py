@@ -146,6 +146,7 @@ def make_rig(
     probe: bool = True,
     wire_irqs: bool = True,
     irqs: tuple[str, ...] = ("eventq", "gerror", "priq"),
+    msi_alloc: Any = None,
 ) -> Rig:
     bus = SystemBus()
     clock = Clock()
@@ -167,6 +168,7 @@ def make_rig(
         pgtable_memory=PortTableMemory(cpu),
         trace=trace,
         irqs=irqs,
+        msi_alloc=msi_alloc,
     )
     rig = Rig(bus, clock, smmu, irq, cpu, mm, trace, sink, dev)
     if wire_irqs:

@@ -9,7 +9,7 @@ import sys
 from pkvm_smmu.arch.commands import CMD_SIZE, Opcode, build_command, decode_command
 from pkvm_smmu.arch.registers import CMDQ_CONS, Reg
 from pkvm_smmu.arch.strtab import CD, STE, S1Dss, SteConfig
-from pkvm_smmu.host.arm_smmu_v3.domain import ArmSmmuDomain
+from pkvm_smmu.host.arm_smmu_v3.domain import ArmSmmuDomain, ArmSmmuIommuOps
 from pkvm_smmu.host.arm_smmu_v3.features import Feat
 from pkvm_smmu.machine.bus import HOST_CPU, Access
 from pkvm_smmu.machine.devices import DmaEndpoint
@@ -235,3 +235,35 @@ def test_event_queue_overflow_is_acknowledged() -> None:
     assert any("overflow" in e.fields.get("message", "") for e in r.events("err"))
     assert r.reg(Reg.EVENTQ_CONS) >> 31 == 1  # OVACKFLG = OVFLG
     del ep
+
+
+def test_event_and_gerror_msis_reach_the_handlers() -> None:
+    """IDR0.MSI with an MSI allocator: *_IRQ_CFG0/1/2 point at an ITS doorbell, wired lines unused."""
+    from pkvm_smmu.arch.registers import IRQ_CFG0
+    from pkvm_smmu.machine.irq import MsiDoorbell, msi_line
+
+    doorbell_base = 0x0808_0000
+    data = {"eventq": 0x21, "gerror": 0x22, "priq": 0x23}
+
+    def msi_alloc(source: str) -> tuple[int, int]:
+        return doorbell_base + MsiDoorbell.TRANSLATER, data[source]
+
+    r = make_rig(wire_irqs=False, irqs=(), msi_alloc=msi_alloc, probe=False)
+    its = MsiDoorbell(r.irq)
+    its.map(r.bus, doorbell_base)
+    r.irq.connect(msi_line(0x21), lambda _line: r.dev.handle_evtq_irq())
+    r.irq.connect(msi_line(0x22), lambda _line: r.dev.handle_gerror_irq())
+    assert r.dev.probe() == 0
+    r.ops = ArmSmmuIommuOps(r.dev)
+    addr = IRQ_CFG0.ADDR.get_address(r.reg(Reg.EVENTQ_IRQ_CFG0, 8))
+    assert addr == doorbell_base + MsiDoorbell.TRANSLATER and r.reg(Reg.EVENTQ_IRQ_CFG1) == 0x21
+    assert r.reg(Reg.GERROR_IRQ_CFG1) == 0x22
+    # A fault: the event MSI runs the event handler.
+    far = DmaEndpoint("far", r.smmu, 0x5000)
+    assert not far.write(BUF, b"x").ok
+    assert [e.fields["event"] for e in r.events("evtq.event")] == ["C_BAD_STREAMID"]
+    # A command error: the GERROR MSI runs the recovery.
+    cmdq = r.dev.cmdq
+    assert cmdq is not None
+    assert cmdq.issue_cmdlist([build_command(Opcode.TLBI_EL3_ALL)], True) == 0
+    assert (0x22 in [d for _, d in its.received]) and r.reg(Reg.GERROR) == r.reg(Reg.GERRORN)
