@@ -55,7 +55,7 @@ def test_stage1_attach_writes_cd_and_ste() -> None:
     cd = CD.from_bytes(ram(r, cdptr, 64))
     assert CD.V.get(cd) and CD.ASID.get(cd) == 1 and CD.TTB0.get_address(cd) == dom.pgtbl.root  # type: ignore[union-attr]
     # abort -> CD-table STE: fill word 1 (1 sync), then word 0 (2): two CFGI_STE + CMD_SYNC rounds.
-    cfgi_ste = [c for c in commands(r) if c.startswith("CMD_CFGI_STE(")]
+    cfgi_ste = [c for c in commands(r) if c.startswith("CMD_CFGI_STE(") and "LEAF=1" in c]
     assert len(cfgi_ste) == 2
     assert any(c.startswith("CMD_PREFETCH_CONFIG") for c in commands(r))
 

@@ -139,6 +139,22 @@ class PatchedIdr:
         return getattr(self.cpu, name)
 
 
+def test_new_l2_table_is_visible_even_after_a_stray_access_cached_its_l1std() -> None:
+    """DMA from a SID before its master probes caches an invalid L1STD; publishing the L2 table
+    must invalidate it (CFGI_STE, Leaf=0) or the SID stays C_BAD_STREAMID."""
+    from pkvm_smmu.machine.devices import DmaEndpoint
+
+    r = make_rig()
+    ep = DmaEndpoint("early", r.smmu, 0x345)
+    assert not ep.write(0x8200_0000, b"a").ok
+    dev = r.add_master("early", [0x345])
+    assert r.ops is not None and r.ops.identity_domain is not None
+    assert r.ops.identity_domain.attach_dev(dev) == 0
+    assert ep.write(0x8200_0000, b"a").ok
+    assert any(e.fields["command"].startswith("CMD_CFGI_STE(") and "LEAF" not in e.fields["command"]
+               for e in r.events("cmdq.issue"))  # fmt: skip
+
+
 def test_no_translation_stage_fails_probe() -> None:
     r = make_rig(probe=False)
     idr0 = r.reg(Reg.IDR0) & ~0b11  # neither S1P nor S2P

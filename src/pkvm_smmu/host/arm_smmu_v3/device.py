@@ -494,6 +494,10 @@ class ArmSmmuDevice:
         desc = L1STD.encode(SPAN=STRTAB_SPLIT + 1) | L1STD.L2PTR.insert_address(l2)
         self.mmio.write_u64(cfg.strtab_dma + idx * 8, desc)  # one 64-bit store
         cfg.l2[idx] = l2
+        if self.probed and self.cmdq is not None:
+            # Not in Linux: the SMMU may have cached the invalid (Span=0) L1STD when a stray
+            # access used this SID, and only CFGI_STE with Leaf=0 drops it (IHI 0070 §3.21).
+            self.cmdq.issue_cmd_with_sync(build_command(Opcode.CFGI_STE, SID=idx << STRTAB_SPLIT, LEAF=0))
         return 0
 
     def init_sid_strtab(self, sid: int) -> int:
