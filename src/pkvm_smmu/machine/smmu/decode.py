@@ -230,8 +230,13 @@ def decode_cd(
     asid: int | None = CD.ASID.get(cd)
     if asid is not None and asid >> 8 and not features.asid16:
         return illegal("ASID[15:8] set without ASID16")
-    output_bits = min(effective_oas(CD.IPS.get(cd), features), _VA_BITS_MAX)
-    affd = bool(CD.AFFD.get(cd))
+    regime = _Stage1Regime(
+        output_bits=min(effective_oas(CD.IPS.get(cd), features), _VA_BITS_MAX),
+        affd=bool(CD.AFFD.get(cd)),
+        wxn=bool(CD.WXN.get(cd)),
+        # EL2 (non-E2H) has a single privilege level.
+        single_privilege=world == WORLD_EL2,
+    )
 
     ttb0 = None
     if not CD.EPD0.get(cd):
@@ -239,8 +244,7 @@ def decode_cd(
             granule_from_tg0(CD.TG0.get(cd)),
             CD.T0SZ.get(cd),
             CD.TTB0.get_address(cd),
-            output_bits,
-            affd,
+            regime,
             features,
         )
         if isinstance(result, str):
@@ -254,8 +258,7 @@ def decode_cd(
             granule_from_tg1(CD.TG1.get(cd)),
             CD.T1SZ.get(cd),
             CD.TTB1.get_address(cd),
-            output_bits,
-            affd,
+            regime,
             features,
         )
         if isinstance(result, str):
@@ -280,8 +283,18 @@ def decode_cd(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Stage1Regime:
+    """CD fields shared by the TTB0 and TTB1 walks."""
+
+    output_bits: int
+    affd: bool
+    wxn: bool
+    single_privilege: bool
+
+
 def _decode_ttb(
-    granule: Granule | None, tsz: int, ttb: int, output_bits: int, affd: bool, features: SmmuFeatures
+    granule: Granule | None, tsz: int, ttb: int, regime: _Stage1Regime, features: SmmuFeatures
 ) -> WalkConfig | str:
     if granule is None or granule.size not in features.granules:
         return "granule not supported"
@@ -292,8 +305,8 @@ def _decode_ttb(
     if start_level is None:
         return f"no start level for a {ia_bits}-bit input"
     ttb = _aligned_ttb(ttb, granule, ia_bits, start_level, 1)
-    if ttb >> output_bits:
-        return f"TTB {ttb:#x} beyond the {output_bits}-bit IPS"
+    if ttb >> regime.output_bits:
+        return f"TTB {ttb:#x} beyond the {regime.output_bits}-bit IPS"
     return WalkConfig(
         stage=1,
         granule=granule,
@@ -301,6 +314,8 @@ def _decode_ttb(
         start_level=start_level,
         concatenated=1,
         input_bits=ia_bits,
-        output_bits=output_bits,
-        affd=affd,
+        output_bits=regime.output_bits,
+        affd=regime.affd,
+        single_privilege=regime.single_privilege,
+        wxn=regime.wxn,
     )

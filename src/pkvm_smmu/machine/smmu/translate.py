@@ -305,7 +305,8 @@ class Translator:
                 if isinstance(leaf, WalkFault):
                     return leaf
                 s2_sources.extend(leaf.path)
-                if stream.s2_ptw and _s2_is_device(leaf.attr):
+                # A descriptor read needs stage-2 read permission; S2PTW also forbids Device memory.
+                if not leaf.readable or (stream.s2_ptw and _s2_is_device(leaf.attr)):
                     return WalkFault(EventType.F_PERMISSION, 2, leaf.level, FaultClass.TT, ipa=ipa)
                 return leaf.output_base + (ipa - leaf.input_base)
 
@@ -377,6 +378,7 @@ class Translator:
             s2_readable=s2_readable,
             s2_writable=s2_writable,
             s2_executable=s2_executable,
+            leaf_size=leaf.size if leaf.size > size else 0,
         )
         self.smmu.tlb.insert(entry)
         return entry
@@ -507,6 +509,8 @@ class Translator:
         if fault.event_type == EventType.F_BAD_ATS_TREQ:
             # The request's permissions (R is always 1 in PCIe; W = !NW) and one STU (§7.3.6).
             fields.update(R=1, W=int(txn.is_write), P=int(txn.privileged), X=int(txn.instruction), SPAN=1)
+        if fault.event_type == EventType.F_PERMISSION and fault.fault_class == FaultClass.TT:
+            fields["TTRNW"] = 1  # the faulting access was a descriptor read
         allowed = EVENT_FIELDS[fault.event_type]
         record = build_event(fault.event_type, **{k: v for k, v in fields.items() if k in allowed})
         # Stage-2 faults always abort (A is fixed to 1); stage-1 faults follow CD.A.
@@ -599,19 +603,22 @@ class Translator:
 
 
 def _failing_stage(entry: TlbEntry, is_write: bool, privileged: bool, instruction: bool) -> int:
-    """0 when the access is permitted, else the stage (1 or 2) whose permission check fails."""
-    if not privileged and not entry.unpriv:
+    """0 when the access is permitted, else the stage (1 or 2) whose permission check fails.
+
+    The same rules as ``walk.check_permission``, applied to a cached (possibly combined) entry.
+    """
+    if is_write:
+        stage1 = entry.writable and (privileged or entry.unpriv)
+        stage2 = entry.s2_writable
+    elif instruction:
+        stage1 = entry.priv_executable if privileged else entry.executable
+        stage2 = entry.s2_executable
+    else:
+        stage1 = entry.readable and (privileged or entry.unpriv)
+        stage2 = entry.s2_readable
+    if not stage1:
         return 1
-    if instruction:
-        if not (entry.priv_executable if privileged else entry.executable) or not entry.readable:
-            return 1
-    elif not (entry.writable if is_write else entry.readable):
-        return 1
-    if not (entry.s2_writable if is_write else entry.s2_readable):
-        return 2
-    if instruction and not entry.s2_executable:
-        return 2
-    return 0
+    return 0 if stage2 else 2
 
 
 def _effective_attributes(txn: Transaction, stream: StreamConfig) -> tuple[bool, bool]:
