@@ -117,7 +117,7 @@ def decode_ste(
     world = WORLD_EL1
     if not s2:
         strw = STE.STRW.get(ste)
-        if strw == Strw.EL2 and features.hyp:
+        if strw == Strw.EL2 and features.hyp and features.stage1:
             world = WORLD_EL2
         elif strw != Strw.NSEL1:
             return illegal(f"STRW {strw:#b} not valid for a Non-secure stream")

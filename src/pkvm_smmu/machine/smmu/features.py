@@ -70,7 +70,7 @@ class SmmuFeatures:
             S1P=self.stage1,
             TTF=0b10,  # AArch64 tables only
             COHACC=self.coherent,
-            HYP=self.hyp,
+            HYP=self.hyp and self.stage1,  # EL2 contexts are stage-1 contexts
             ATS=self.ats,
             ASID16=self.asid16,
             MSI=self.msi,
