@@ -220,6 +220,7 @@ class DevIommu:
     priv: Any = None  # the driver's per-device data (dev_iommu_priv_set)
     resv_regions: list[IommuResvRegion] = field(default_factory=list)
     require_direct: bool = False  # firmware wants 1:1 mappings kept: never block this device
+    domain: IommuDomain | None = None  # the domain the device is attached to
     pci_32bit_workaround: bool = False
 
 
@@ -547,8 +548,8 @@ class IommuCore:
         group: IommuGroup | None = getattr(dev, "iommu_group", None)
         if state is None or group is None:
             return
-        if group.domain is not None and dev in group.domain.devices:
-            group.domain.devices.remove(dev)
+        if state.domain is not None and dev in state.domain.devices:
+            state.domain.devices.remove(dev)
         group.devices.remove(dev)
         dev.iommu_group = None
         self._forget_group_if_empty(group)
@@ -827,22 +828,14 @@ class IommuCore:
         err = self._attach_device(domain, dev)
         if err:
             return err
-        for other in self._domains_of(dev):
-            if other is not domain:
-                other.devices.remove(dev)
+        if state is not None:
+            previous = state.domain
+            if previous is not None and previous is not domain and dev in previous.devices:
+                previous.devices.remove(dev)
+            state.domain = domain
         if dev not in domain.devices:
             domain.devices.append(dev)
         return 0
-
-    def _domains_of(self, dev: Any) -> list[IommuDomain]:
-        group = self.iommu_group_get(dev)
-        if group is None:
-            return []
-        found = {}
-        for d in (group.domain, group.default_domain, group.blocking_domain):
-            if d is not None and dev in d.devices:
-                found[id(d)] = d
-        return list(found.values())
 
     def _group_set_domain(self, group: IommuGroup, new: IommuDomain) -> int:
         """Move every device of the group to ``new`` directly (no blocked step in between); on a
