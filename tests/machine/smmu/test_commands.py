@@ -387,3 +387,28 @@ def test_each_command_is_traced_with_its_error() -> None:
         ("0x19", "ILL"),
     ]
     assert "SID=0x3" in events[0].fields["command"] or "SID=3" in events[0].fields["command"]
+
+
+def test_prefetch_config_ssv_without_substreams_behaves_as_ssv_0() -> None:
+    smmu = make(SmmuFeatures(ssid_bits=0))
+    smmu.executor.execute(build_command(Opcode.PREFETCH_CONFIG, SID=5, SSV=1, SSID=3))
+    assert calls(smmu, "config_cache") == [("prefetch", (5, None))]
+
+
+def test_disabling_the_smmu_invalidates_nothing() -> None:
+    smmu = make()
+    smmu.bus.write(HYP_CPU, BASE + Reg.CR0, 4, 0)
+    smmu.clock.advance(1000)
+    assert not smmu.smmu_enabled
+    assert calls(smmu, "config_cache") == [] and calls(smmu, "tlb") == []
+
+
+def test_the_device_builds_its_configuration_cache_tlb_and_translator() -> None:
+    from pkvm_smmu.machine.smmu.config import ConfigCache
+    from pkvm_smmu.machine.smmu.tlb import Tlb
+    from pkvm_smmu.machine.smmu.translate import Translator
+
+    smmu = SmmuV3("smmu1", SystemBus(), Clock(), SmmuFeatures(), BASE, options=SmmuOptions(tlb_capacity=4))
+    assert isinstance(smmu.config_cache, ConfigCache)
+    assert isinstance(smmu.tlb, Tlb)
+    assert isinstance(smmu.translator, Translator)

@@ -9,24 +9,20 @@ SMMUEN=0.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from pkvm_smmu.arch.registers import CR0, SMMU_MMIO_SIZE, Reg
 from pkvm_smmu.machine.bus import ExternalAbort, Initiator, SystemBus
 from pkvm_smmu.machine.clock import Clock
 from pkvm_smmu.machine.irq import InterruptController
+from pkvm_smmu.machine.smmu.config import ConfigCache
 from pkvm_smmu.machine.smmu.executor import AtcClient, CommandExecutor
 from pkvm_smmu.machine.smmu.features import SmmuFeatures
 from pkvm_smmu.machine.smmu.options import SmmuOptions
 from pkvm_smmu.machine.smmu.queues import CommandQueue, EventQueue, SmmuInterrupts
 from pkvm_smmu.machine.smmu.registers import SmmuRegisters
+from pkvm_smmu.machine.smmu.tlb import Tlb
+from pkvm_smmu.machine.smmu.translate import AtsResponse, Translator
 from pkvm_smmu.machine.smmu.types import Transaction, TranslationResult
 from pkvm_smmu.trace.bus import TraceBus
-
-if TYPE_CHECKING:
-    from pkvm_smmu.machine.smmu.config import ConfigCache
-    from pkvm_smmu.machine.smmu.tlb import Tlb
-    from pkvm_smmu.machine.smmu.translate import AtsResponse, Translator
 
 _SMMUEN = CR0.SMMUEN.in_place_mask
 _CMDQEN = CR0.CMDQEN.in_place_mask
@@ -62,18 +58,10 @@ class SmmuV3:
         self.evtq = EventQueue(self)
         self.cmdq = CommandQueue(self)
         self.executor = CommandExecutor(self)
-        self._attach_translation()
+        self.config_cache = ConfigCache(self)
+        self.tlb = Tlb(self.options.tlb_capacity)
+        self.translator = Translator(self)
         bus.add_mmio(base, SMMU_MMIO_SIZE, self, name)
-
-    def _attach_translation(self) -> None:
-        """The configuration cache, TLB and translator (imported here: they refer back to the device)."""
-        from pkvm_smmu.machine.smmu.config import ConfigCache
-        from pkvm_smmu.machine.smmu.tlb import Tlb
-        from pkvm_smmu.machine.smmu.translate import Translator
-
-        self.config_cache: ConfigCache = ConfigCache(self)
-        self.tlb: Tlb = Tlb(self.options.tlb_capacity)
-        self.translator: Translator = Translator(self)
 
     # ---- MmioDevice --------------------------------------------------------------------------
     def mmio_read(self, offset: int, size: int, initiator: Initiator) -> int | ExternalAbort:

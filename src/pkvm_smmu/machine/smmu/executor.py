@@ -7,9 +7,9 @@ command, SSec=1, a command for a feature this SMMU does not implement, or an ILL
 CONSTRAINED UNPREDICTABLE choices made here:
 - RES0 fields of commands are not checked (they are ignored).
 - TLBI_NH_* on an SMMU without stage 2: the RES0 VMID is taken as 0.
-- CMD_ATC_INV with Size > 52 is CERROR_ILL; with SSV=1 when SubstreamIDs are not implemented it
-  behaves as SSV=0. Out-of-range StreamID/SubstreamID parameters are passed on unchanged (they
-  match nothing cached).
+- CMD_ATC_INV with Size > 52 is CERROR_ILL. CMD_ATC_INV and CMD_PREFETCH_CONFIG with SSV=1 when
+  SubstreamIDs are not implemented behave as SSV=0. CMD_PREFETCH_ADDR prefetches nothing.
+- Out-of-range StreamID/SubstreamID parameters are passed on unchanged (they match nothing cached).
 - A CERROR_ATC_INV_SYNC reports the failed ATC invalidations once: the SMMU gives up on them, so
   re-issuing the CMD_SYNC after the acknowledgement completes unless a new ATC_INV fails.
 """
@@ -181,7 +181,8 @@ class CommandExecutor:
         smmu = self.smmu
         if smmu.smmu_enabled:
             layout = CMD_PREFETCH_CONFIG
-            ssid = layout.SSID.get(command) if layout.SSV.get(command) else None
+            ssv = layout.SSV.get(command) and smmu.features.ssid_bits > 0
+            ssid = layout.SSID.get(command) if ssv else None
             smmu.config_cache.prefetch(layout.SID.get(command), ssid)
         return CmdqError.NONE
 
