@@ -50,7 +50,6 @@ def driver_deferred_probe_trigger(k: Kernel) -> None:
     moved = [dev.name for dev in k.deferred_probe_pending_list]
     k.deferred_probe_active_list.extend(k.deferred_probe_pending_list)
     k.deferred_probe_pending_list.clear()
-    k.deferred_work_queued = True
     k._emit("deferred.trigger", count=k.deferred_trigger_count, devices=moved)
 
 
@@ -60,7 +59,6 @@ def deferred_probe_work_func(k: Kernel) -> None:
     if k.deferred_work_running:
         return
     k.deferred_work_running = True
-    k.deferred_work_queued = False
     try:
         while k.deferred_probe_active_list:
             dev = k.deferred_probe_active_list.pop(0)

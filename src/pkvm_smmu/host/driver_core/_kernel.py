@@ -76,7 +76,6 @@ class Kernel:
         self.driver_deferred_probe_enable = False
         self.initcalls_done = False
         self.defer_all_probes = False
-        self.deferred_work_queued = False
         self.deferred_work_running = False
 
         self._timers: dict[str, tuple[int, int, Callable[[], None]]] = {}
