@@ -276,7 +276,7 @@ def test_defer_returns_eprobe_defer_from_the_hook(rig: Rig) -> None:
     assert rig.core.of_iommu_configure(dev) == -EPROBE_DEFER
 
 
-def test_static_domain_attach_log_names_types() -> None:
-    log: list[tuple[str, str]] = []
-    domain = StaticDomain(DomainType.BLOCKED, log)
+def test_domains_that_are_not_paging_refuse_map_pages_by_default() -> None:
+    domain = StaticDomain(DomainType.BLOCKED, [])
     assert domain.map_pages(0, 0, 4096, 1, 0) == (0, -errno.ENODEV)  # type: ignore[arg-type]
+    assert domain.type.is_paging is False and DomainType.DMA_FQ.is_paging

@@ -240,6 +240,11 @@ def _dev_is_bound(dev: Any) -> bool:
     return bool(bound) if bound is not None else getattr(dev, "driver", None) is not None
 
 
+def _pci_segment(dev: Any) -> int:
+    segment = getattr(dev, "domain", 0)  # struct pci_dev's PCI domain (segment) number
+    return segment if isinstance(segment, int) else 0
+
+
 def _driver_managed_dma(dev: Any) -> bool:
     return bool(getattr(getattr(dev, "driver", None), "driver_managed_dma", False))
 
@@ -256,10 +261,6 @@ def iommu_fwspec_add_ids(dev: Any, ids: Iterable[int]) -> int:
 def dev_iommu_fwspec_get(dev: Any) -> IommuFwspec | None:
     fwspec = getattr(dev, "iommu_fwspec", None)
     return fwspec if isinstance(fwspec, IommuFwspec) else None
-
-
-def _fault_errno(exc: TableMemoryAbort) -> int:
-    return -errno.EFAULT
 
 
 # -- the core ------------------------------------------------------------------------------------------
@@ -491,17 +492,20 @@ class IommuCore:
         if entry is None:
             return -errno.ENODEV
         ops = entry.ops
-        result = self._call_driver(ops.probe_device, dev)
+        # dev->iommu exists before probe_device so the driver can dev_iommu_priv_set() in it.
+        state = DevIommu(dev, entry)
+        dev.iommu = state
+        result = self.call_driver(ops.probe_device, dev)
         if isinstance(result, int) and result < 0:
+            dev.iommu = None
             self.emit("probe", dev=name, iommu=entry.name, result=result)
             return result
-        state = DevIommu(dev, entry, iommu_dev=result)
+        state.iommu_dev = result
         state.pci_32bit_workaround = dev_is_pci(dev) and not self.policy.forcedac
         get_resv = getattr(ops, "get_resv_regions", None)
         if get_resv is not None:
             state.resv_regions = list(get_resv(dev))
         state.require_direct = any(r.type is ResvType.DIRECT for r in state.resv_regions)
-        dev.iommu = state
         group = self._device_group(dev, ops)
         if isinstance(group, int):
             self._undo_probe(dev, ops)
@@ -622,7 +626,7 @@ class IommuCore:
                     theirs = set(getattr(other, "dma_aliases", ()) or ())
                     if getattr(other, "rid", None) is not None:
                         theirs.add(other.rid)
-                    if aliases & theirs and getattr(other, "segment", 0) == getattr(dev, "segment", 0):
+                    if aliases & theirs and _pci_segment(other) == _pci_segment(dev):
                         return group
         return self.iommu_group_alloc(ops)
 
@@ -651,7 +655,7 @@ class IommuCore:
         alloc = getattr(ops, "domain_alloc_paging", None)
         if alloc is None:
             return -errno.EOPNOTSUPP
-        domain = self._call_driver(alloc, dev)
+        domain = self.call_driver(alloc, dev)
         if domain is None:
             domain = -errno.ENOMEM
         if isinstance(domain, int):
@@ -690,12 +694,12 @@ class IommuCore:
             domain.iova_cookie = None
         self.emit("domain.free", domain=self.domain_label(domain))
         self._domain_ids.pop(id(domain), None)
-        self._call_driver(domain.free)
+        self.call_driver(domain.free)
 
     # -- default domains --------------------------------------------------------------------------------
-    def _def_domain_type(self, group: IommuGroup) -> DomainType | int | None:
-        """The type the driver requires for this group (its ``def_domain_type`` or static
-        default domain), None to follow policy, -EINVAL for irreconcilable requests."""
+    def _def_domain_type(self, group: IommuGroup) -> DomainType | None:
+        """The type the driver requires for this group (its static default domain or its
+        ``def_domain_type``), or None to follow policy."""
         ops = group.ops
         static = getattr(ops, "default_domain", None)
         if static is not None:
@@ -709,7 +713,12 @@ class IommuCore:
             if chosen is None:
                 chosen = wanted
                 continue
-            self.emit("warn", group=group.id, message="conflicting def_domain_type", types=[chosen, wanted])
+            self.emit(
+                "warn",
+                group=group.id,
+                message="conflicting def_domain_type",
+                types=[chosen.value, wanted.value],
+            )
             # Linux: drivers may force IDENTITY or DMA; IDENTITY wins.
             if wanted is DomainType.IDENTITY:
                 chosen = wanted
@@ -744,8 +753,6 @@ class IommuCore:
 
     def iommu_setup_default_domain(self, group: IommuGroup) -> int:
         required = self._def_domain_type(group)
-        if isinstance(required, int):
-            return required
         domain = self._alloc_default_domain(group, required)
         if isinstance(domain, int):
             return domain
@@ -800,16 +807,16 @@ class IommuCore:
                 addr = run
 
     # -- attach ------------------------------------------------------------------------------------------
-    def _call_driver(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def call_driver(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Call into a driver; a page-table access that faulted becomes -EFAULT, not an exception."""
         try:
             return fn(*args)
         except TableMemoryAbort as exc:
             self.emit("fault", op=getattr(fn, "__name__", "?"), message=str(exc))
-            return _fault_errno(exc)
+            return -errno.EFAULT
 
     def _attach_device(self, domain: IommuDomain, dev: Any) -> int:
-        result = self._call_driver(domain.attach_dev, dev)
+        result = self.call_driver(domain.attach_dev, dev)
         result = result if isinstance(result, int) else -errno.EINVAL
         self.emit("attach", dev=dev_name(dev), domain=self.domain_label(domain), result=result)
         return result
@@ -1003,7 +1010,7 @@ class IommuCore:
         err = 0
         while size:
             pgsize, count = self.iommu_pgsize(bitmap, iova, paddr, size)
-            result = self._call_driver(domain.map_pages, iova, paddr, pgsize, count, prot)
+            result = self.call_driver(domain.map_pages, iova, paddr, pgsize, count, prot)
             mapped, err = (0, result) if isinstance(result, int) else result
             size -= mapped
             if err:
@@ -1029,7 +1036,7 @@ class IommuCore:
         start = iova
         while unmapped < size:
             pgsize, count = self.iommu_pgsize(bitmap, iova, iova, size - unmapped)
-            done = self._call_driver(domain.unmap_pages, iova, pgsize, count, gather)
+            done = self.call_driver(domain.unmap_pages, iova, pgsize, count, gather)
             if not isinstance(done, int) or done <= 0:
                 break
             iova += done
@@ -1039,13 +1046,13 @@ class IommuCore:
 
     def iommu_iotlb_sync(self, domain: IommuDomain, gather: IotlbGather) -> None:
         self.emit("iotlb_sync", domain=self.domain_label(domain), start=gather.start, end=gather.end)
-        self._call_driver(domain.iotlb_sync, gather)
-        self._call_driver(domain.free_gathered_tables, gather)
+        self.call_driver(domain.iotlb_sync, gather)
+        self.call_driver(domain.free_gathered_tables, gather)
         gather.reset()
 
     def iommu_flush_iotlb_all(self, domain: IommuDomain) -> None:
         self.emit("flush_iotlb_all", domain=self.domain_label(domain))
-        self._call_driver(domain.flush_iotlb_all)
+        self.call_driver(domain.flush_iotlb_all)
 
     def iommu_unmap(self, domain: IommuDomain, iova: int, size: int) -> int:
         """Unmap and invalidate (strict): returns the bytes unmapped from ``iova``."""
@@ -1060,7 +1067,7 @@ class IommuCore:
             return iova
         if not domain.type.is_paging:
             return 0
-        result = self._call_driver(domain.iova_to_phys, iova)
+        result = self.call_driver(domain.iova_to_phys, iova)
         return result if isinstance(result, int) and result > 0 else 0
 
     # -- DMA ops -----------------------------------------------------------------------------------------
@@ -1076,10 +1083,13 @@ class IommuCore:
             self._dma_ops = dma.IommuDmaOps(self)
         dev.dma_ops = self._dma_ops
 
-    def _setup_direct(self, dev: Any) -> None:
+    def direct_ops(self) -> dma.DmaDirectOps:
         if self._direct_ops is None:
             self._direct_ops = dma.DmaDirectOps(self)
-        dev.dma_ops = self._direct_ops
+        return self._direct_ops
+
+    def _setup_direct(self, dev: Any) -> None:
+        dev.dma_ops = self.direct_ops()
 
     def capable(self, dev: Any, cap: IommuCap) -> bool:
         ops = self.dev_iommu_ops(dev)

@@ -311,7 +311,7 @@ class IommuDmaCookie:
             entry = fq.popleft()
             self.iovad.free_iova(entry.pfn)
             if entry.gather.freed_tables:
-                self.core._call_driver(self.domain.free_gathered_tables, entry.gather)
+                self.core.call_driver(self.domain.free_gathered_tables, entry.gather)
 
     def check_timer(self) -> None:
         deadline = self.fq_deadline_us
@@ -404,7 +404,7 @@ class IommuDmaOps:
         return domain, cookie if isinstance(cookie, IommuDmaCookie) else None
 
     def _direct(self) -> DmaDirectOps:
-        return DmaDirectOps(self.core)
+        return self.core.direct_ops()
 
     # -- map / unmap single ----------------------------------------------------------------------------
     def map_page(self, dev: Any, paddr: int, size: int, direction: DmaDirection) -> int:
