@@ -7,7 +7,7 @@ and the hooks through which page ownership and host data aborts reach the hyp IO
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import Enum, IntFlag
 from typing import Protocol
 
 from pkvm_smmu.pgtable.prot import Prot
@@ -54,3 +54,32 @@ class DataAbortHandler(Protocol):
     hypervisor owns. Returns the read value (or 0 for a write) when handled, None when not."""
 
     def handle_host_dabt(self, address: int, size: int, is_write: bool, value: int) -> int | None: ...
+
+
+class KvmPgtableProt(IntFlag):
+    """``enum kvm_pgtable_prot``: permissions and memory type of a hyp stage-1 or guest stage-2 leaf
+    (same bit values as the kernel's)."""
+
+    NONE = 0
+    X = 1 << 0
+    W = 1 << 1
+    R = 1 << 2
+    DEVICE = 1 << 3
+    NORMAL_NC = 1 << 4
+
+
+PAGE_HYP = KvmPgtableProt.R | KvmPgtableProt.W
+PAGE_HYP_NC = PAGE_HYP | KvmPgtableProt.NORMAL_NC  # v4 patch 01: queues of a non-coherent SMMU
+PAGE_HYP_DEVICE = PAGE_HYP | KvmPgtableProt.DEVICE
+KVM_PGTABLE_PROT_RWX = KvmPgtableProt.R | KvmPgtableProt.W | KvmPgtableProt.X
+
+
+class KvmIommuDriver(Protocol):
+    """The hyp IOMMU driver (v4 patch 09, ``struct kvm_iommu_ops``): exactly one, registered before
+    pKVM initialises. ``kvm_iommu_pages`` sizes its pool in the hyp carveout (patch 11); ``init`` runs
+    from ``__pkvm_init_finalise`` and a non-zero result fails pKVM's initialisation. A driver that
+    also implements ``DataAbortHandler`` gets the first chance at host aborts on non-memory pages."""
+
+    def kvm_iommu_pages(self) -> int: ...
+
+    def init(self) -> int: ...
