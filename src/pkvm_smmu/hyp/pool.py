@@ -1,9 +1,9 @@
 """``struct hyp_pool``: the hypervisor's buddy page allocator over a range of pages it owns.
 
-The hyp carveout is split into pools (the hyp's own, the IOMMU driver's: v4 patch 11). Blocks are
-naturally aligned within the pool, handed out lowest address first, and zeroed when allocated, as
-pKVM's ``hyp_alloc_pages`` returns zeroed memory. Exhaustion returns None; freeing a page that is
-not allocated is a hypervisor bug (pKVM BUGs) and raises ``ValueError``.
+The hyp carveout is split into pools (the hyp's own, the IOMMU driver's: v4 patch 11). Addresses are
+physical. Blocks are naturally aligned within the pool, handed out lowest address first, and zeroed
+when allocated, as pKVM's ``hyp_alloc_pages`` returns zeroed memory. Exhaustion returns None; freeing
+a page that is not allocated is a hypervisor bug (pKVM BUGs) and raises ``ValueError``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class HypPool:
         # Free blocks by order, as pool offsets: a set for membership and a heap for lowest-first.
         self._free: list[set[int]] = [set() for _ in range(self.max_order + 1)]
         self._heaps: list[list[int]] = [[] for _ in range(self.max_order + 1)]
-        self._allocated: dict[int, int] = {}  # offset -> order
+        self._allocated: set[int] = set()  # pool offsets of pages in use
         self._free_pages = 0
         offset = 0
         while offset < nr_pages:
@@ -59,45 +59,60 @@ class HypPool:
     def used_pages(self) -> int:
         return self.nr_pages - self._free_pages
 
-    def contains(self, pfn: int) -> bool:
-        return self.base_pfn <= pfn < self.base_pfn + self.nr_pages
+    def contains(self, pa: int) -> bool:
+        return self.base_pfn <= pa >> PAGE_SHIFT < self.base_pfn + self.nr_pages
 
-    def is_allocated(self, pfn: int) -> bool:
-        return (pfn - self.base_pfn) in self._allocated
+    def is_allocated(self, pa: int) -> bool:
+        return (pa >> PAGE_SHIFT) - self.base_pfn in self._allocated
 
     # -- allocation -----------------------------------------------------------------------------
     def alloc_page(self) -> int | None:
-        return self.alloc_pages(0)
+        """One zeroed page: its physical address, or None when the pool is exhausted."""
+        return self.alloc_pages(1)
 
-    def alloc_pages(self, order: int = 0) -> int | None:
-        """A zeroed, naturally aligned block of ``2**order`` pages; its first pfn, or None."""
-        if order < 0 or order > self.max_order:
-            return self._traced("alloc", None, order)
+    def alloc_pages(self, count: int = 1) -> int | None:
+        """``count`` zeroed contiguous pages, aligned to the power of two that covers them (the
+        buddy block; pages past ``count`` go straight back, as ``alloc_pages_exact``). The block is
+        split (``hyp_split_page``): each page is freed on its own. Physical address, or None."""
+        if count <= 0 or count > (1 << self.max_order) or not self.nr_pages:
+            return self._traced("alloc", None, count)
+        order = (count - 1).bit_length()
         found = next((o for o in range(order, self.max_order + 1) if self._free[o]), None)
         if found is None:
-            return self._traced("alloc", None, order)
+            return self._traced("alloc", None, count)
         offset = self._pop(found)
         while found > order:
             found -= 1
             self._push(offset + (1 << found), found)
-        self._allocated[offset] = order
+        for page in range(offset, offset + (1 << order)):
+            self._allocated.add(page)
         self._free_pages -= 1 << order
+        for page in range(offset + count, offset + (1 << order)):
+            self._release(page)
         self.peak_used = max(self.peak_used, self.used_pages)
-        pfn = self.base_pfn + offset
+        pa = (self.base_pfn + offset) << PAGE_SHIFT
         if self._ram is not None:
-            self._ram.zero(pfn << PAGE_SHIFT, (1 << order) << PAGE_SHIFT)
-        return self._traced("alloc", pfn, order)
+            self._ram.zero(pa, count << PAGE_SHIFT)
+        return self._traced("alloc", pa, count)
 
-    def free_page(self, pfn: int) -> None:
-        self.free_pages(pfn)
+    def free_page(self, pa: int) -> None:
+        self.free_pages(pa, 1)
 
-    def free_pages(self, pfn: int) -> None:
-        """Return the block that ``alloc_pages`` returned at ``pfn``, merging free buddies."""
-        offset = pfn - self.base_pfn
-        order = self._allocated.pop(offset, None)
-        if order is None:
-            raise ValueError(f"hyp pool {self.name}: freeing pfn {pfn:#x}, which is not allocated")
-        self._free_pages += 1 << order
+    def free_pages(self, pa: int, count: int = 1) -> None:
+        """Return ``count`` pages starting at ``pa``, merging free buddies."""
+        first = (pa >> PAGE_SHIFT) - self.base_pfn
+        pages = range(first, first + count)
+        if pa & ((1 << PAGE_SHIFT) - 1) or any(page not in self._allocated for page in pages):
+            raise ValueError(f"hyp pool {self.name}: freeing {pa:#x}+{count} pages, not allocated")
+        for page in pages:
+            self._release(page)
+        self._traced("free", pa, count)
+
+    # -- internals ------------------------------------------------------------------------------
+    def _release(self, offset: int) -> None:
+        self._allocated.discard(offset)
+        self._free_pages += 1
+        order = 0
         while order < self.max_order:
             buddy = offset ^ (1 << order)
             if buddy not in self._free[order]:
@@ -106,9 +121,7 @@ class HypPool:
             offset = min(offset, buddy)
             order += 1
         self._push(offset, order)
-        self._traced("free", pfn, order)
 
-    # -- internals ------------------------------------------------------------------------------
     def _push(self, offset: int, order: int) -> None:
         self._free[order].add(offset)
         heapq.heappush(self._heaps[order], offset)
@@ -121,8 +134,8 @@ class HypPool:
                 free.discard(offset)
                 return offset
 
-    def _traced(self, kind: str, pfn: int | None, order: int) -> int | None:
+    def _traced(self, kind: str, pa: int | None, pages: int) -> int | None:
         trace = self._trace
         if trace is not None and trace.enabled:
-            trace.emit("hyp", f"pool.{kind}", pool=self.name, pfn=pfn, order=order, used=self.used_pages)
-        return pfn
+            trace.emit("hyp", f"pool.{kind}", pool=self.name, pa=pa, pages=pages, used=self.used_pages)
+        return pa
