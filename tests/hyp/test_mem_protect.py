@@ -28,7 +28,7 @@ from pkvm_smmu.hyp.contracts import (
 from pkvm_smmu.hyp.mem_protect import MemProtect
 from pkvm_smmu.machine.bus import ExternalAbort, Initiator, SystemBus
 from pkvm_smmu.pgtable.prot import Prot
-from pkvm_smmu.trace import RecordingSink, TraceBus
+from pkvm_smmu.trace import RecordingSink, TraceBus, TraceEvent
 
 OWNED = PageState.OWNED
 SO = PageState.SHARED_OWNED
@@ -62,7 +62,7 @@ def make_bus() -> SystemBus:
     return bus
 
 
-def make_mp(strict: bool = False) -> tuple[MemProtect, list[object]]:
+def make_mp(strict: bool = False) -> tuple[MemProtect, list[TraceEvent]]:
     trace = TraceBus()
     sink = trace.attach(RecordingSink())
     mp = MemProtect(make_bus(), trace, pa_bits=40, strict_mmio_checks=strict)
@@ -162,7 +162,14 @@ def view(mp: MemProtect, pfn: int) -> View:
     )
 
 
-def v(host: PageState, owner: Owner = HOST, hyp: PageState = NOPAGE, pins: int = 0, g0=NOPAGE, g1=NOPAGE):
+def v(
+    host: PageState,
+    owner: Owner = HOST,
+    hyp: PageState = NOPAGE,
+    pins: int = 0,
+    g0: PageState = NOPAGE,
+    g1: PageState = NOPAGE,
+) -> View:
     return View(host, owner, hyp, pins, g0, g1)
 
 

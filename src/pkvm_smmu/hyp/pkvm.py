@@ -81,7 +81,7 @@ class Carveout:
 
     base_pfn: int
     nr_pages: int
-    hyp_pages: int  # pKVM's own needs (page tables, vmemmap, VM table)
+    hyp_pages: int  # pKVM's own needs (page tables, vmemmap, VM table) and the 2 MiB rounding
     iommu_pages: int  # kvm_iommu_pages()
 
     @property
@@ -162,8 +162,9 @@ class Pkvm:
 
     # -- carveout (patch 11) --------------------------------------------------------------------
     def kvm_hyp_reserve(self) -> int:
-        """Reserve the carveout at the top of RAM: 2 MiB aligned when it fits, else page aligned, as
-        ``memblock_phys_alloc`` does top-down. Returns 0 or -ENOMEM."""
+        """Reserve the carveout at the top of RAM, top-down as ``memblock_phys_alloc`` does: first
+        2 MiB aligned and rounded up to 2 MiB (the slack is the hyp's), else page aligned. Returns 0
+        or -ENOMEM."""
         if self.carveout is not None:
             return 0
         ram_pages = [region.size >> PAGE_SHIFT for region in self.bus.ram_regions()]
@@ -173,26 +174,36 @@ class Pkvm:
             + hyp_vm_table_pages()
             + hyp_vmemmap_pages(ram_pages)
         )
-        iommu_pages = self.iommu_driver.kvm_iommu_pages() if self.iommu_driver is not None else 0
-        nr_pages = hyp_pages + max(0, iommu_pages)
-        base = self._top_down_alloc(nr_pages << PAGE_SHIFT)
+        iommu_pages = max(0, self.iommu_driver.kvm_iommu_pages()) if self.iommu_driver is not None else 0
+        size = (hyp_pages + iommu_pages) << PAGE_SHIFT
+        pmd_size = -(-size // PMD_SIZE) * PMD_SIZE
+        base = self._top_down_alloc(pmd_size, PMD_SIZE)
+        if base is not None:
+            size = pmd_size
+        else:
+            base = self._top_down_alloc(size, PAGE_SIZE)
         if base is None:
             ret = -ENOMEM
         else:
-            self.carveout = Carveout(base >> PAGE_SHIFT, nr_pages, hyp_pages, max(0, iommu_pages))
+            nr_pages = size >> PAGE_SHIFT
+            self.carveout = Carveout(base >> PAGE_SHIFT, nr_pages, nr_pages - iommu_pages, iommu_pages)
             self.state = "reserved"
             ret = 0
         self._emit(
-            "init", step="kvm_hyp_reserve", pages=nr_pages, iommu_pages=iommu_pages, base=base, result=ret
+            "init",
+            step="kvm_hyp_reserve",
+            pages=size >> PAGE_SHIFT,
+            iommu_pages=iommu_pages,
+            base=base,
+            result=ret,
         )
         return ret
 
-    def _top_down_alloc(self, size: int) -> int | None:
+    def _top_down_alloc(self, size: int, align: int) -> int | None:
         for region in sorted(self.bus.ram_regions(), key=lambda r: r.base, reverse=True):
-            for align in (PMD_SIZE, PAGE_SIZE):
-                base = (region.end - size) & ~(align - 1)
-                if base >= region.base:
-                    return base
+            base = (region.end - size) & ~(align - 1)
+            if base >= region.base:
+                return base
         return None
 
     # -- __pkvm_init / __pkvm_init_finalise -----------------------------------------------------
