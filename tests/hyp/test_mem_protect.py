@@ -403,6 +403,7 @@ def test_queries() -> None:
     assert mp.is_memory(P) and not mp.is_mmio(P)
     assert mp.is_mmio(MMIO_PFN) and not mp.is_memory(MMIO_PFN)
     assert not mp.is_mmio(HOLE_PFN) and not mp.is_memory(HOLE_PFN)
+    assert mp.memory_runs() == [(RAM_PFN, 4096), (RAM2_BASE >> 12, 256)]
     assert mp.host_can_access(P)
     assert mp.host_donate_hyp(P, 2) == 0
     assert mp.host_donate_guest(VM_A, P + 2, G0) == 0

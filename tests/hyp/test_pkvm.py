@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pkvm_smmu.host.hw import Hvc
 from pkvm_smmu.hyp.contracts import HOST, HYP, KvmPgtableProt, PageState, guest
 from pkvm_smmu.hyp.hypercalls import SMCCC_RET_NOT_SUPPORTED, Arg
 from pkvm_smmu.hyp.pkvm import (
@@ -287,6 +288,13 @@ def test_malformed_hypercalls(booted: Booted, name: str, args: tuple[object, ...
     assert [(e.kind, e.fields["name"], e.fields["result"]) for e in events if e.kind == "hypercall"] == [
         ("hypercall", name, result)
     ]
+
+
+def test_pkvm_is_the_hosts_hvc(booted: Booted) -> None:
+    pkvm, _, _ = booted
+    hvc: Hvc = pkvm  # what the host kernel is handed
+    assert hvc.hvc("__pkvm_host_share_hyp", P) == 0
+    assert pkvm.mem_protect.host_state(P) is PageState.SHARED_OWNED
 
 
 def test_unknown_name_that_is_not_a_string(booted: Booted) -> None:

@@ -26,6 +26,13 @@ class Cpu(Protocol):
     def poll(self, condition: Callable[[], bool], timeout_us: float, step_us: float = 1.0) -> bool: ...
 
 
+class Hvc(Protocol):
+    """The hypervisor call instruction as the host kernel sees it: a named pKVM host hypercall with
+    register arguments; the result is 0, a positive value (e.g. a VM handle) or a negative errno."""
+
+    def hvc(self, name: str, *args: int) -> int: ...
+
+
 def is_fault(result: object) -> bool:
     """True when a CPU access did not complete (the port returns a fault object, not a value)."""
     return not isinstance(result, int | bytes | type(None))

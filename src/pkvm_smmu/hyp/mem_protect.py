@@ -129,6 +129,10 @@ class MemProtect:
         end = self._mem_starts[index + 1] if index + 1 < len(self._mem_starts) else 1 << 64
         return False, start, end
 
+    def memory_runs(self) -> list[tuple[int, int]]:
+        """(first pfn, number of pages) of each memory region, in address order (``hyp_memory``)."""
+        return [(start, end - start) for start, end in zip(self._mem_starts, self._mem_ends, strict=True)]
+
     def is_memory(self, pfn: int) -> bool:
         return self._mem_range(pfn)[0]
 
