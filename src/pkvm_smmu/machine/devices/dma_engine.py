@@ -19,7 +19,8 @@ or one aligned 64-bit access):
     0x30 ERR_ADDR  RO   64-bit IOVA of the access that failed
     0x38 DONE_LEN  RO   bytes completed by the last transfer
 
-Timing: with no ``clock`` or ``latency_ns == 0`` the transfer runs synchronously inside the
+Timing: the doorbell latches CTRL, SRC, DST, LEN, PATTERN and SSID (later writes do not affect
+the transfer). With no ``clock`` or ``latency_ns == 0`` the transfer runs synchronously inside the
 doorbell write. Otherwise the doorbell sets STATE=busy and the whole transfer, its status and
 its interrupt happen ``latency_ns + len * ns_per_byte`` of modeled time later (a clock timer), so
 software must poll STATUS or wait for the IRQ. A doorbell while busy is ignored.
@@ -235,16 +236,20 @@ class DmaEngine:
         self._regs[DmaReg.DONE_LEN] = 0
         self._regs[DmaReg.ERR_ADDR] = 0
         self.last_result = None
-        length = self._regs[DmaReg.LEN]
-        delay = self.latency_ns + min(length, MAX_LEN) * self.ns_per_byte
+        regs = self._regs
+        # The transfer's parameters are latched now: later register writes do not affect it.
+        job = (regs[DmaReg.CTRL], regs[DmaReg.SRC], regs[DmaReg.DST], regs[DmaReg.LEN], regs[DmaReg.PATTERN],
+               regs[DmaReg.SSID])  # fmt: skip
+        delay = self.latency_ns + min(job[3], MAX_LEN) * self.ns_per_byte
         if self.clock is None or delay == 0:
-            self._run()
+            self._run(job)
         else:
-            self._timer = self.clock.call_after(delay, self._run)
+            self._timer = self.clock.call_after(delay, lambda: self._run(job))
 
     def _finish(
-        self, error: ErrorCode, *, address: int = 0, write_side: bool = False, result: DmaResult | None = None
-    ) -> None:
+        self, error: ErrorCode, irq: bool, *, address: int = 0, write_side: bool = False,
+        result: DmaResult | None = None,
+    ) -> None:  # fmt: skip
         status = int(DmaState.DONE if error is ErrorCode.NONE else DmaState.ERROR)
         if error is not ErrorCode.NONE:
             status |= int(error) << STATUS_ERROR_SHIFT
@@ -256,28 +261,27 @@ class DmaEngine:
         self.last_result = result
         self._regs[DmaReg.STATUS] = status
         self.transfers += 1
-        if self.irq is not None and self._regs[DmaReg.CTRL] & CTRL_IRQ_EN:
+        if self.irq is not None and irq:
             self.irq.pulse(self.irq_line)
 
-    def _run(self) -> None:
+    def _run(self, job: tuple[int, int, int, int, int, int]) -> None:
         self._timer = None
         regs = self._regs
-        ctrl = regs[DmaReg.CTRL]
+        ctrl, src, dst, length, pattern_value, ssid_value = job
         mode = (ctrl & CTRL_MODE_MASK) >> CTRL_MODE_SHIFT
-        length = regs[DmaReg.LEN]
-        src, dst = regs[DmaReg.SRC], regs[DmaReg.DST]
+        irq = bool(ctrl & CTRL_IRQ_EN)
         if mode not in (DmaMode.COPY, DmaMode.FILL):
-            self._finish(ErrorCode.BAD_MODE)
+            self._finish(ErrorCode.BAD_MODE, irq)
             return
         if length > MAX_LEN:
-            self._finish(ErrorCode.BAD_LENGTH)
+            self._finish(ErrorCode.BAD_LENGTH, irq)
             return
         if dst + length > 1 << 64 or (mode == DmaMode.COPY and src + length > 1 << 64):
-            self._finish(ErrorCode.BAD_ADDRESS, address=dst if dst + length > 1 << 64 else src)
+            self._finish(ErrorCode.BAD_ADDRESS, irq, address=dst if dst + length > 1 << 64 else src)
             return
-        ssid = regs[DmaReg.SSID] if ctrl & CTRL_SSV else None
+        ssid = ssid_value if ctrl & CTRL_SSV else None
         privileged = bool(ctrl & CTRL_PRIV)
-        pattern = regs[DmaReg.PATTERN].to_bytes(4, "little")
+        pattern = pattern_value.to_bytes(4, "little")
         done = 0
         endpoint = self.endpoint
         while done < length:
@@ -287,7 +291,7 @@ class DmaEngine:
                 chunk = min(chunk, _PAGE - (s % _PAGE))
                 got = endpoint.read(s, chunk, ssid=ssid, privileged=privileged)
                 if not got.ok:
-                    self._finish(ErrorCode.READ_ABORT, address=s, result=got)
+                    self._finish(ErrorCode.READ_ABORT, irq, address=s, result=got)
                     return
                 data = got.data
             else:
@@ -295,11 +299,11 @@ class DmaEngine:
                 data = (pattern * (chunk // 4 + 2))[phase : phase + chunk]
             put = endpoint.write(d, data, ssid=ssid, privileged=privileged)
             if not put.ok:
-                self._finish(ErrorCode.WRITE_ABORT, address=d, write_side=True, result=put)
+                self._finish(ErrorCode.WRITE_ABORT, irq, address=d, write_side=True, result=put)
                 return
             done += chunk
             regs[DmaReg.DONE_LEN] = done
-        self._finish(ErrorCode.NONE)
+        self._finish(ErrorCode.NONE, irq)
 
     def reset(self) -> None:
         """Back to the reset state; a pending transfer is cancelled."""
