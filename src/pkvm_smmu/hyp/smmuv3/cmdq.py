@@ -1,0 +1,162 @@
+"""The hyp's command queue on one SMMU (v4 patches 20-21, 27): the shadow queue the SMMU consumes.
+
+Host commands are copied in one by one (``add_cmd_raw``, after the filter); the hyp's own commands
+go through ``add_cmd``/``sync``/``send_cmd``. Completion is the queue draining (CONS catching up
+with PROD), polled on the modeled clock until ``ARM_SMMU_POLL_TIMEOUT_US``: the hyp hides MSIs, so
+no CMD_SYNC ever writes back into a queue. Like the posted ``smmu_add_cmd_raw``, every command
+is published with its own PROD write, so the SMMU starts on it at once.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from typing import Protocol
+
+from pkvm_smmu.arch.commands import CMD_SIZE, Opcode, SyncCs, build_command
+from pkvm_smmu.arch.queues import q_empty, q_full, q_inc, q_slot
+from pkvm_smmu.arch.registers import CMDQ_CONS, Reg, Shareability
+
+ARM_SMMU_POLL_TIMEOUT_US = 1_000_000
+ARM_SMMU_MEMATTR_OIWB = 0xF
+CMDQ_TLBI_RANGE_NUM_MAX = 31
+_FIRST_STEP_NS = 50
+_MAX_STEP_NS = 64_000
+
+
+class HypSmmuIo(Protocol):
+    """The EL2 view of one SMMU the queue needs: registers, memory and time."""
+
+    def read_reg(self, reg: Reg, size: int = 4) -> int: ...
+
+    def write_reg(self, reg: Reg, value: int, size: int = 4) -> None: ...
+
+    def write_mem(self, pa: int, data: bytes) -> None: ...
+
+    def now_ns(self) -> int: ...
+
+    def delay_ns(self, ns: int) -> None: ...
+
+    def trace_command(self, command: int, origin: str) -> None: ...
+
+
+def sync_command() -> int:
+    """CMD_SYNC as ``arm_smmu_cmdq_build_cmd`` builds it without an MSI address: SIG_SEV."""
+    return build_command(Opcode.SYNC, CS=SyncCs.SEV, MSH=Shareability.ISH, MSIATTR=ARM_SMMU_MEMATTR_OIWB)
+
+
+def wait_for(io: HypSmmuIo, condition: Callable[[], bool], timeout_us: int = ARM_SMMU_POLL_TIMEOUT_US) -> int:
+    """``smmu_wait``/``smmu_wait_event``: 0 once ``condition()`` holds, -ETIMEDOUT after the timeout
+    of modeled time. The poll interval backs off (WFE wake-ups are not modeled separately); that
+    only changes how often the condition is evaluated, not the deadline."""
+    deadline = io.now_ns() + timeout_us * 1000
+    step = _FIRST_STEP_NS
+    while not condition():
+        now = io.now_ns()
+        if now >= deadline:
+            return -errno.ETIMEDOUT
+        io.delay_ns(min(step, deadline - now))
+        step = min(step * 2, _MAX_STEP_NS)
+    return 0
+
+
+class HypCmdq:
+    """``smmu->cmdq``: the queue as the SMMU sees it, owned by the hyp."""
+
+    def __init__(self, io: HypSmmuIo, base: int, log2size: int) -> None:
+        self.io = io
+        self.base = base
+        self.log2size = log2size
+        self.prod = 0
+
+    @property
+    def entries(self) -> int:
+        return 1 << self.log2size
+
+    @property
+    def q_base(self) -> int:
+        """CMDQ_BASE as the hyp programs it: address and LOG2SIZE (no RA, as posted)."""
+        return self.base | self.log2size
+
+    def _cons(self) -> int:
+        return CMDQ_CONS.RD.get(self.io.read_reg(Reg.CMDQ_CONS))
+
+    def full(self) -> bool:
+        return q_full(self.prod, self._cons(), self.log2size)
+
+    def empty(self) -> bool:
+        return q_empty(self.prod, self._cons(), self.log2size)
+
+    def add_cmd_raw(self, command: int, origin: str = "host") -> None:
+        """Copy one command in and publish it (the caller made sure there is room)."""
+        slot = q_slot(self.prod, self.log2size)
+        self.io.write_mem(self.base + slot * CMD_SIZE, command.to_bytes(CMD_SIZE, "little"))
+        self.prod = q_inc(self.prod, 1, self.log2size)
+        self.io.write_reg(Reg.CMDQ_PROD, self.prod)
+        self.io.trace_command(command, origin)
+
+    def add_cmd(self, command: int) -> int:
+        """One command of the hyp's own, once there is room; 0 or -ETIMEDOUT."""
+        ret = wait_for(self.io, lambda: not self.full())
+        if ret:
+            return ret
+        self.add_cmd_raw(command, "hyp")
+        return 0
+
+    def sync(self) -> int:
+        ret = self.add_cmd(sync_command())
+        return ret or wait_for(self.io, self.empty)
+
+    def send_cmd(self, command: int) -> int:
+        return self.add_cmd(command) or self.sync()
+
+
+def tlbi_s2_ipa_commands(
+    iova: int, size: int, granule: int, leaf: bool, pgsize_bitmap: int, range_inv: bool, vmid: int = 0
+) -> list[int]:
+    """The TLBI_S2_IPA commands covering ``[iova, iova + size)`` (``arm_smmu_tlb_inv_build``).
+
+    With range invalidation each command covers (NUM + 1) << SCALE leaf pages, taking 5 bits of the
+    remaining page count per command, TTL naming the level of ``granule`` for leaf invalidations;
+    without it, one command per ``granule``.
+    """
+    if size <= 0:
+        return []
+    end = iova + size
+    fields: dict[str, int] = {"VMID": vmid, "LEAF": int(leaf)}
+    tg = num_pages = 0
+    step = granule
+    if range_inv:
+        tg = (pgsize_bitmap & -pgsize_bitmap).bit_length() - 1  # log2 of the leaf page size
+        num_pages = size >> tg
+        fields["TG"] = (tg - 10) // 2  # 12/14/16 -> 1/2/3
+        if leaf:
+            fields["TTL"] = 4 - ((granule.bit_length() - 1 - 3) // (tg - 3))
+        elif num_pages & CMDQ_TLBI_RANGE_NUM_MAX == 1:
+            num_pages += 1  # SCALE = NUM = 0 with TTL = 0 is reserved: one page more
+    commands: list[int] = []
+    while iova < end:
+        command_fields = dict(fields)
+        if range_inv:
+            if not num_pages:
+                break
+            scale = (num_pages & -num_pages).bit_length() - 1
+            num = (num_pages >> scale) & CMDQ_TLBI_RANGE_NUM_MAX
+            command_fields["SCALE"] = scale
+            command_fields["NUM"] = num - 1
+            step = num << (scale + tg)
+            num_pages -= num << scale
+        command_fields["ADDR"] = iova & ~0xFFF
+        commands.append(build_command(Opcode.TLBI_S2_IPA, **command_fields))
+        iova += step
+    return commands
+
+
+__all__ = [
+    "ARM_SMMU_POLL_TIMEOUT_US",
+    "HypCmdq",
+    "HypSmmuIo",
+    "sync_command",
+    "tlbi_s2_ipa_commands",
+    "wait_for",
+]
