@@ -551,6 +551,7 @@ class MemProtect:
         if not self.pfn_range_is_valid(pfn, 1):
             return -EINVAL
         if self.host_state(pfn) is _OWNED:
+            self._pending_reclaim.pop(pfn, None)
             return 0
         if pfn not in self._pending_reclaim:
             return -EPERM
