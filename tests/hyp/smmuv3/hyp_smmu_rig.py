@@ -8,8 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pkvm_smmu.arch.registers import Reg
-from pkvm_smmu.arch.strtab import STE, STE_SIZE
+from pkvm_smmu.arch.commands import CMD_SIZE, Opcode, build_command
+from pkvm_smmu.arch.queues import q_inc
+from pkvm_smmu.arch.registers import CR0, STRTAB_BASE, STRTAB_BASE_CFG, Reg, StrtabFmt
+from pkvm_smmu.arch.strtab import L1STD, STE, STE_SIZE
 from pkvm_smmu.host.arm_smmu_v3.device import ArmSmmuDevice, ArmSmmuParams
 from pkvm_smmu.host.arm_smmu_v3.domain import ArmSmmuIommuOps
 from pkvm_smmu.host.iommu.ops import IommuFwspec
@@ -32,6 +34,9 @@ SHADOW_STRTAB = RAM_BASE + 0x0100_0000  # what the host kernel sets aside for th
 SHADOW_CMDQ = RAM_BASE + 0x0120_0000  # 64 KiB
 BUF = RAM_BASE + 0x0200_0000  # data buffers
 DMA_POOL = RAM_BASE + 0x1000_0000  # the host driver's coherent allocations
+HOSTQ = RAM_BASE + 0x0300_0000  # hand-programmed host command queue
+HOST_STRTAB = RAM_BASE + 0x0400_0000  # hand-programmed host stream table (L1)
+HOST_L2 = RAM_BASE + 0x0480_0000  # and its L2 tables
 
 
 class BumpDma:
@@ -182,6 +187,68 @@ class PkvmRig:
         return d
 
 
+class HostQueue:
+    """The host's side of the command queue, programmed the way the host driver does it."""
+
+    def __init__(self, r: PkvmRig, log2size: int = 6, base: int = HOSTQ) -> None:
+        self.r = r
+        self.base = base
+        self.log2size = log2size
+        self.prod = 0
+        r.host_write(Reg.CMDQ_BASE, base | log2size, 8)
+        r.host_write(Reg.CMDQ_PROD, 0)
+        r.host_write(Reg.CMDQ_CONS, 0)
+        r.host_write(Reg.CR0, r.hyp.cr0 | CR0.CMDQEN.in_place_mask)
+
+    def slot_address(self, index: int) -> int:
+        return self.base + (index & ((1 << self.log2size) - 1)) * CMD_SIZE
+
+    def write(self, *commands: int) -> None:
+        for command in commands:
+            data = command.to_bytes(CMD_SIZE, "little")
+            assert self.r.host_cpu.write_bytes(self.slot_address(self.prod), data) is None
+            self.prod = q_inc(self.prod, 1, self.log2size)
+
+    def submit(self, *commands: int) -> None:
+        self.write(*commands)
+        assert self.r.host_write(Reg.CMDQ_PROD, self.prod) is None
+
+
+class HostStreamTable:
+    """A 2-level stream table the test writes by hand (as a host driver, or a malicious host):
+    L1 at ``HOST_STRTAB``, L2 tables wherever the test puts them."""
+
+    def __init__(self, r: PkvmRig, queue: HostQueue, *, log2size: int = 16, split: int = 8) -> None:
+        self.r = r
+        self.queue = queue
+        self.split = split
+        r.host_write(Reg.STRTAB_BASE, HOST_STRTAB | STRTAB_BASE.RA.in_place_mask, 8)
+        r.host_write(
+            Reg.STRTAB_BASE_CFG,
+            STRTAB_BASE_CFG.encode(FMT=StrtabFmt.TWO_LEVEL, LOG2SIZE=log2size, SPLIT=split),
+        )
+
+    def enable(self) -> None:
+        self.r.host_write(Reg.CR0, self.r.hyp.cr0 | CR0.SMMUEN.in_place_mask)
+
+    def set_l2(self, index: int, l2: int) -> None:
+        desc = L1STD.encode(SPAN=self.split + 1) | L1STD.L2PTR.insert_address(l2)
+        assert self.r.host_cpu.write(HOST_STRTAB + 8 * index, 8, desc) is None
+
+    def l2_of(self, sid: int) -> int:
+        value = self.r.host_cpu.read(HOST_STRTAB + 8 * (sid >> self.split), 8)
+        assert isinstance(value, int)
+        return L1STD.L2PTR.get_address(value)
+
+    def write_ste(self, sid: int, ste: int, *, cfgi: bool = True, leaf: bool = True) -> None:
+        address = self.l2_of(sid) + (sid & ((1 << self.split) - 1)) * STE_SIZE
+        assert self.r.host_cpu.write_bytes(address, STE.to_bytes(ste)) is None
+        if cfgi:
+            self.queue.submit(
+                build_command(Opcode.CFGI_STE, SID=sid, LEAF=int(leaf)), build_command(Opcode.SYNC)
+            )
+
+
 def make_rig(
     features: SmmuFeatures | None = None,
     *,
@@ -226,10 +293,14 @@ def make_rig(
 
 __all__ = [
     "BUF",
+    "HOSTQ",
+    "HOST_L2",
+    "HOST_STRTAB",
     "RAM_BASE",
     "SMMU_BASE",
     "FakeDev",
+    "HostQueue",
+    "HostStreamTable",
     "PkvmRig",
-    "Reg",
     "make_rig",
 ]

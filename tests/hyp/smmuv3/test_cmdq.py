@@ -10,47 +10,15 @@ import sys
 
 import pytest
 
-from pkvm_smmu.arch.commands import CMD_SIZE, Opcode, SyncCs, build_command, cfgi_all
+from pkvm_smmu.arch.commands import Opcode, SyncCs, build_command, cfgi_all
 from pkvm_smmu.arch.queues import q_inc
-from pkvm_smmu.arch.registers import CMDQ_CONS, CR0, GERROR, CmdqError, Reg
+from pkvm_smmu.arch.registers import CMDQ_CONS, GERROR, CmdqError, Reg
 from pkvm_smmu.hyp.contracts import PageState
 from pkvm_smmu.machine.bus import Access, InitiatorKind
 from pkvm_smmu.machine.smmu import SmmuFeatures
 
 sys.path.insert(0, os.path.dirname(__file__))
-from hyp_smmu_rig import RAM_BASE, SHADOW_STRTAB, PkvmRig, make_rig
-
-HOSTQ = RAM_BASE + 0x0300_0000
-CMDQEN = CR0.CMDQEN.in_place_mask
-
-
-class HostQueue:
-    """The host's side of the command queue, programmed the way the host driver does it."""
-
-    def __init__(self, r: PkvmRig, log2size: int = 6, base: int = HOSTQ) -> None:
-        self.r = r
-        self.base = base
-        self.log2size = log2size
-        self.prod = 0
-        r.host_write(Reg.CMDQ_BASE, base | log2size, 8)
-        r.host_write(Reg.CMDQ_PROD, 0)
-        r.host_write(Reg.CMDQ_CONS, 0)
-        r.host_write(Reg.CR0, CMDQEN)
-
-    def slot_address(self, index: int) -> int:
-        return self.base + (index & ((1 << self.log2size) - 1)) * CMD_SIZE
-
-    def write(self, *commands: int) -> None:
-        for command in commands:
-            assert (
-                self.r.host_cpu.write_bytes(self.slot_address(self.prod), command.to_bytes(16, "little"))
-                is None
-            )
-            self.prod = q_inc(self.prod, 1, self.log2size)
-
-    def submit(self, *commands: int) -> None:
-        self.write(*commands)
-        assert self.r.host_write(Reg.CMDQ_PROD, self.prod) is None
+from hyp_smmu_rig import HOSTQ, SHADOW_STRTAB, HostQueue, PkvmRig, make_rig
 
 
 def opcodes(commands: list[str]) -> list[str]:
