@@ -148,7 +148,7 @@ def host_table(r: PkvmRig) -> tuple[HostQueue, HostStreamTable]:
 
 def test_smmuen_shares_and_pins_the_host_l1(r: PkvmRig) -> None:
     mp = r.pkvm.mem_protect
-    _, table = host_table(r)
+    host_table(r)
     l1_pfn = HOST_STRTAB >> 12  # 256 descriptors: one page
     assert mp.host_state(l1_pfn) is PageState.SHARED_OWNED and mp.pin_count(l1_pfn) == 1
     assert mp.host_state(l1_pfn + 1) is PageState.OWNED
@@ -212,9 +212,9 @@ def test_write_ordering_dwords_1_to_7_then_cfgi_all_then_dword_0(r: PkvmRig) -> 
     snapshots: list[int] = []
 
     def on_access(access: Access) -> None:
-        if access.is_write and access.initiator.kind is InitiatorKind.CPU_EL2:
-            if ste_pa <= access.address < ste_pa + 64:
-                log.append(("write", (access.address - ste_pa) // 8))
+        ours = access.is_write and access.initiator.kind is InitiatorKind.CPU_EL2
+        if ours and ste_pa <= access.address < ste_pa + 64:
+            log.append(("write", (access.address - ste_pa) // 8))
 
     def on_event(event: TraceEvent) -> None:
         if event.component == r.smmu.name and event.kind == "cmd":
