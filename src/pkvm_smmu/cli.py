@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import os
+from typing import TYPE_CHECKING
+
 import click
 
 from pkvm_smmu import __version__
+from pkvm_smmu.scenarios import DEFAULT_DESIGN, DESIGNS
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from pkvm_smmu.scenarios import RunReport
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -54,3 +63,204 @@ def decode(kind: str, words: tuple[str, ...]) -> None:
     console.print(decoded.pretty, markup=False, highlight=False)
     if decoded.reserved:
         console.print(f"[yellow]warning:[/] RES0 bits set: {decoded.reserved:#x}")
+
+
+# -- run ----------------------------------------------------------------------------------------------
+
+
+def _check_output(path: str | None, option: str) -> None:
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise click.BadParameter(f"'{path}' is a directory", param_hint=option)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise click.BadParameter(f"cannot write '{path}': no writable directory {folder}", param_hint=option)
+
+
+@main.command()
+@click.option(
+    "--platform",
+    "platform_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Device tree (DTS or DTB) of the platform; default: the embedded default platform.",
+)
+@click.option(
+    "--device",
+    "devices",
+    multiple=True,
+    metavar="SPEC",
+    help="Add a PCI endpoint, QEMU style: dma-engine,bdf=00:02.0[,ats=on][,bus=pcie.0][,id=NAME] "
+    "(repeatable).",
+)
+@click.option("--trace", "trace_json", metavar="FILE.json", help="Write a Chrome/Perfetto trace.")
+@click.option("--trace-jsonl", "trace_jsonl", metavar="FILE", help="Write the trace as JSONL.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the workload's data and sizes.")
+@click.option(
+    "--design",
+    type=click.Choice(sorted(DESIGNS)),
+    default=DEFAULT_DESIGN,
+    show_default=True,
+    help="How the hypervisor and host share the SMMU.",
+)
+@click.option(
+    "--cmdline", default="", metavar="ARGS", help='Host kernel command line, e.g. "iommu.strict=0".'
+)
+def run(
+    platform_file: str | None,
+    devices: tuple[str, ...],
+    trace_json: str | None,
+    trace_jsonl: str | None,
+    seed: int,
+    design: str,
+    cmdline: str,
+) -> None:
+    """Boot a platform, run a DMA workload through the SMMU, and report.
+
+    \b
+      pkvm-smmu run
+      pkvm-smmu run --device dma-engine,bdf=00:04.0,ats=on --cmdline iommu.strict=0
+      pkvm-smmu run --platform virt.dtb --device dma-engine,bdf=00:02.0 --trace run.json
+    """
+    from pkvm_smmu.devicetree import DeviceTreeError
+    from pkvm_smmu.host.kernel import CmdlineError
+    from pkvm_smmu.machine.platform import DeviceSpecError
+    from pkvm_smmu.scenarios import RunOptions
+    from pkvm_smmu.scenarios import run as run_scenario
+
+    _check_output(trace_json, "'--trace'")
+    _check_output(trace_jsonl, "'--trace-jsonl'")
+    options = RunOptions(
+        platform=platform_file,
+        devices=devices,
+        seed=seed,
+        cmdline=cmdline,
+        design=design,
+        trace_json=trace_json,
+        trace_jsonl=trace_jsonl,
+    )
+    try:
+        report = run_scenario(options)
+    except DeviceSpecError as error:
+        raise click.BadParameter(str(error), param_hint="'--device'") from None
+    except CmdlineError as error:
+        raise click.BadParameter(str(error), param_hint="'--cmdline'") from None
+    except DeviceTreeError as error:
+        raise click.BadParameter(str(error), param_hint="'--platform'") from None
+    from rich.console import Console
+
+    console = Console()
+    _print_report(console, report)
+    if not report.ok:
+        raise SystemExit(1)
+
+
+def _hex(value: int | None) -> str:
+    return "-" if value is None else f"{value:#x}"
+
+
+def _print_report(console: Console, report: RunReport) -> None:
+    from rich.table import Table
+
+    meta = report.metadata
+    console.print(
+        f"[bold]pkvm-smmu run[/]  design={meta['design']}  boot-variant={meta['boot_variant']}  "
+        f"platform={meta['platform']}  seed={meta['seed']}  cmdline={meta['cmdline']!r}",
+        highlight=False,
+    )
+    colour = {"bound": "green", "defer": "yellow", "rejected": "dim", "failed": "red"}
+
+    probes = Table(title="Boot and probe sequence", title_justify="left")
+    for column in ("#", "Initcall", "Device", "Driver", "Result", "Why"):
+        probes.add_column(column)
+    for index, step in enumerate(report.probes, 1):
+        why = "" if step.result == "bound" else f"{step.stage}: {step.reason or ''}".rstrip(": ")
+        result = f"[{colour.get(step.result, 'white')}]{step.result}[/]"
+        probes.add_row(str(index), step.initcall, step.device, step.driver, result, why)
+    console.print(probes)
+
+    # Devices nothing drives and no IOMMU translates (QEMU's virtio-mmio slots...) are counted only.
+    shown = [d for d in report.devices if d.driver or d.stream_ids or d.deferrals]
+    hidden = len(report.devices) - len(shown)
+    caption = f"{hidden} more without a driver or an IOMMU" if hidden else None
+    devices = Table(title="Devices", title_justify="left", caption=caption, caption_justify="left")
+    for column in ("Device", "Bus", "Driver", "StreamIDs", "Domain", "Deferrals"):
+        devices.add_column(column)
+    for dev in shown:
+        domain = f"{dev.domain} ({dev.domain_type})" if dev.domain else "-"
+        sids = ", ".join(_hex(s) for s in dev.stream_ids) or "-"
+        devices.add_row(dev.name, dev.bus, dev.driver or "-", sids, domain, str(dev.deferrals or ""))
+    console.print(devices)
+
+    domains = Table(title="Domains", title_justify="left")
+    for column in ("Domain", "Type", "Stage", "ASID", "VMID", "Devices"):
+        domains.add_column(column)
+    for dom in report.domains:
+        domains.add_row(
+            dom.label, dom.type, str(dom.stage or "-"), str(dom.asid if dom.asid is not None else "-"),
+            str(dom.vmid if dom.vmid is not None else "-"), ", ".join(dom.devices),
+        )  # fmt: skip
+    console.print(domains)
+
+    work = Table(title="DMA workload", title_justify="left")
+    for column in ("Device", "Operation", "Bytes", "IOVA", "Result"):
+        work.add_column(column)
+    for copy in report.copies:
+        iova = f"{_hex(copy.src_dma)} -> {_hex(copy.dst_dma)}"
+        result = "[green]done, verified[/]" if copy.ok else f"[red]{copy.state} {copy.error}[/]"
+        work.add_row(copy.device, "copy", str(copy.size), iova, result)
+    for check in report.fault_checks:
+        if check.skipped:
+            work.add_row(check.device, "fault", "-", "-", f"[dim]skipped: {check.skipped}[/]")
+            continue
+        seen = f"{check.state}: {check.error} at {_hex(check.err_addr)}"
+        if check.event:
+            seen += f" ({check.event})"
+        work.add_row(
+            check.device, "fault", "-", _hex(check.iova), f"[{'green' if check.observed else 'red'}]{seen}[/]"
+        )
+    console.print(work)
+
+    t = report.translations
+    stats = Table(title="Translations", title_justify="left")
+    stats.add_column("Measure")
+    stats.add_column("Count", justify="right")
+    rows = [
+        ("DMA-engine transfers", t.transfers), ("bytes copied", t.bytes_copied), ("verified", t.verified),
+        ("dma_map / dma_unmap", f"{t.dma_maps} / {t.dma_unmaps}"),
+        ("iommu_map / iommu_unmap", f"{t.iommu_maps} / {t.iommu_unmaps}"),
+        ("IOTLB syncs", t.iotlb_syncs), ("flush-queue flushes", t.fq_flushes),
+        ("SMMU faults", t.smmu_faults),
+    ]  # fmt: skip
+    if t.tlb_hits is not None or t.tlb_misses is not None:
+        rows.append(("TLB hits / misses", f"{t.tlb_hits or 0} / {t.tlb_misses or 0}"))
+    for name, value in rows:
+        stats.add_row(name, str(value))
+    console.print(stats)
+
+    faults = Table(title="Faults logged by arm-smmu-v3", title_justify="left")
+    for column in ("SMMU", "Event", "SID", "Address", "Device", "Access"):
+        faults.add_column(column)
+    for fault in report.faults:
+        faults.add_row(
+            fault.smmu, fault.event, _hex(fault.sid), _hex(fault.address), fault.client, fault.access
+        )
+    console.print(faults)
+
+    commands = Table(title="Commands consumed", title_justify="left")
+    for column in ("SMMU", "Opcode", "Count"):
+        commands.add_column(column, justify="right" if column == "Count" else "left")
+    for command in report.commands:
+        commands.add_row(command.smmu, command.opcode, str(command.count))
+    console.print(commands)
+
+    timing = f"modeled time: boot {report.boot_ns / 1000:.1f} us, total {report.total_ns / 1000:.1f} us"
+    if report.ok:
+        verified = sum(1 for c in report.copies if c.ok)
+        console.print(
+            f"[green]OK[/]: {verified} copies verified, {len(report.faults)} fault(s) logged; {timing}"
+        )
+    else:
+        console.print(f"[red]FAILED[/] ({timing}):")
+        for problem in report.problems:
+            console.print(f"  - {problem}", markup=False, highlight=False)

@@ -74,6 +74,8 @@ class ArmSmmuEnv:
     # request_irq(pdev, irq, name, handler) -> 0 or -errno; None: no interrupt plumbing.
     request_irq: Callable[[PlatformDevice, int, str, IrqHandler], int] | None = None
     msi_alloc: Callable[[PlatformDevice], MsiAlloc | None] | None = None
+    # msi_get_virq(pdev, source): the IRQ platform MSI gave a source; it replaces the wired line.
+    msi_irq: Callable[[PlatformDevice, str], int | None] | None = None
     disable_bypass: bool = True
     disable_msipolling: bool = False
 
@@ -164,7 +166,14 @@ class ArmSmmuV3Driver:
         if request is None:
             return
         handlers = smmu.irq_handlers()
-        for name, irq in irqs.items():
+        sources = dict(irqs)
+        msi_irq = self.env.msi_irq
+        if msi_irq is not None:
+            for name in sorted(smmu.irqs_with_msi):
+                virq = msi_irq(pdev, name)
+                if virq:
+                    sources[name] = virq  # Linux: evtq.q.irq = msi_get_virq(...)
+        for name, irq in sources.items():
             handler = handlers.get(name)
             if handler is None:
                 continue  # e.g. cmdq-sync: Linux never requests it
