@@ -11,6 +11,7 @@ import pytest
 from pkvm_smmu.devicetree import (
     DeviceTree,
     DeviceTreeError,
+    interrupts,
     load_devicetree,
     load_devicetree_blob,
     load_devicetree_string,
@@ -161,3 +162,14 @@ def test_string_loader_finds_includes_in_include_dirs(tmp_path: Path) -> None:
     text = '/dts-v1/;\n/ { };\n/include/ "extra.dtsi"\n'
     tree = load_devicetree_string(text, "inline.dts", include_dirs=[str(tmp_path)])
     assert tree.node("/extra").u32("value") == 7
+
+
+def test_interrupt_parent_loop_without_cells_is_reported_not_spun() -> None:
+    text = """/dts-v1/;
+/ { #address-cells = <1>; #size-cells = <1>; interrupt-parent = <&gic>;
+    gic: intc { interrupt-controller; };
+    dev { interrupts = <1>; };
+};"""
+    tree = load_devicetree_string(text, "loop.dts")
+    with pytest.raises(DeviceTreeError, match=r"^loop\.dts: /dev: interrupts: no interrupt parent"):
+        interrupts(tree.node("/dev"))

@@ -373,3 +373,15 @@ def test_extra_devices_select_a_bridge_by_domain() -> None:
     machine = build_machine(default_platform(), extra_devices=["dma-engine,bdf=00:04.0,bus=pcie.0,id=extra"])
     assert machine.dma_device("extra").bridge == "/pcie@3f000000"
     assert machine.dma_device("extra").mmio_base == 0x1000_3000
+
+
+def test_build_records_the_platform_and_traces_the_inventory() -> None:
+    from pkvm_smmu.trace import RecordingSink, TraceBus
+
+    trace = TraceBus()
+    sink = trace.attach(RecordingSink())
+    machine = build_machine(default_platform(), trace=trace)
+    assert machine.trace is trace and trace.metadata["platform"].endswith("default.dts")
+    devices = {e.fields["name"]: e.fields for e in sink.events if e.kind == "dma-device"}
+    assert devices["dma@a000000"]["sid"] == 0x100 and devices["dma-engine@00:02.0"]["ats"] is True
+    assert [e.fields["base"] for e in sink.events if e.kind == "smmu"] == [0x0905_0000]

@@ -245,7 +245,9 @@ class InterruptSpec:
 def interrupt_parent(node: Node) -> Node | None:
     """The controller ``interrupts`` of ``node`` refers to (Linux's of_irq_find_parent)."""
     current: Node | None = node
-    while current is not None:
+    seen: set[str] = set()
+    while current is not None and current.path not in seen:  # a loop of parents finds nothing
+        seen.add(current.path)
         prop = current.get("interrupt-parent")
         nxt = prop.phandle() if prop is not None else current.parent
         if nxt is None:

@@ -254,7 +254,22 @@ def build_machine(
     _add_platform_dma_engines(machine)
     _add_pci_bridges(machine, specs)
     _check_stream_ids(machine)
+    trace.metadata.setdefault("platform", tree.source)
+    if trace.enabled:
+        _trace_inventory(machine)
     return machine
+
+
+def _trace_inventory(machine: Machine) -> None:
+    emit = machine.trace.emit
+    for region in machine.bus.regions:
+        kind = region.kind.value
+        emit("platform", "region", name=region.name, base=region.base, size=region.size, kind=kind)
+    for path, smmu in machine.smmus.items():
+        emit("platform", "smmu", node=path, name=smmu.name, base=smmu.base, sid_bits=smmu.features.sid_bits)
+    for device in machine.dma_devices.values():
+        emit("platform", "dma-device", name=device.name, sid=device.stream_id, smmu=device.smmu,
+             bdf=str(device.bdf) if device.bdf else None, node=device.node, ats=device.ats)  # fmt: skip
 
 
 def _map(machine: Machine, node: Node, base: int, size: int, device: MmioDevice | None, name: str) -> None:
