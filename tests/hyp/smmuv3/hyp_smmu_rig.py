@@ -275,7 +275,7 @@ def make_rig(
     pkvm.attach_host_cpu(host_cpu)
     if desc is None:
         shadow = {"cmdq_pa": SHADOW_CMDQ, "strtab_pa": SHADOW_STRTAB} if host_shadow_memory else {}
-        desc = SmmuDescription("smmu0", SMMU_BASE, SMMU_SIZE, **shadow)  # type: ignore[arg-type]
+        desc = SmmuDescription("smmu0", SMMU_BASE, SMMU_SIZE, **shadow)
     driver = SmmuV3HypDriver([desc], policy)
     iommu = KvmIommu(pkvm, driver)
     assert pkvm.kvm_iommu_register_driver(iommu) == 0

@@ -56,7 +56,8 @@ class IommuCaps:
 
 def identity_config(caps: Sequence[IommuCaps]) -> PageTableConfig | None:
     """``smmu_init_pgt``: IAS/OAS the minimum (from 48), page sizes ANDed, coherent walk only if
-    every instance is coherent; None unless every instance supports PAGE_SIZE."""
+    every instance is coherent; None unless every instance supports PAGE_SIZE (or when no stage-2
+    table has that shape)."""
     ias = oas = IDMAP_DEFAULT_BITS
     bitmap = -1
     coherent = True
@@ -67,7 +68,10 @@ def identity_config(caps: Sequence[IommuCaps]) -> PageTableConfig | None:
         coherent = coherent and cap.coherent
     if not bitmap & PAGE_SIZE:
         return None
-    base = PageTableConfig(stage=2, granule=GRANULES[PAGE_SIZE], ias=ias, oas=oas, coherent_walk=coherent)
+    try:
+        base = PageTableConfig(stage=2, granule=GRANULES[PAGE_SIZE], ias=ias, oas=oas, coherent_walk=coherent)
+    except ValueError:
+        return None  # no stage-2 table can have this shape
     # io-pgtable keeps the sizes of the PAGE_SIZE granule (4K, 2M, 1G) the stage can reach.
     return replace(base, pgsize_bitmap=bitmap & base.pgsize_bitmap)
 
