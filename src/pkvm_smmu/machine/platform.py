@@ -182,8 +182,8 @@ class Machine:
     msi_doorbells: dict[str, MsiDoorbell] = field(default_factory=dict)  # node path -> doorbell
     pci_bridges: dict[str, PciHostBridge] = field(default_factory=dict)  # node path -> bridge
     dma_devices: dict[str, DmaDevice] = field(default_factory=dict)  # name -> device
-    _host_cpu: CpuPort | None = None
-    _hyp_cpu: CpuPort | None = None
+    _host_cpu: CpuPort | None = field(default=None, init=False, repr=False)
+    _hyp_cpu: CpuPort | None = field(default=None, init=False, repr=False)
 
     def host_cpu(self) -> CpuPort:
         """The EL1 access path the host kernel runs on (one per machine)."""
