@@ -8,7 +8,7 @@ import os
 import sys
 
 from pkvm_smmu.arch.events import EventType
-from pkvm_smmu.arch.strtab import STE, Eats
+from pkvm_smmu.arch.strtab import CD, STE, Eats
 from pkvm_smmu.machine.devices import DmaEndpoint, DmaFailure
 from pkvm_smmu.machine.smmu.translate import AtsStatus
 from pkvm_smmu.pgtable import IoPageTable, Prot
@@ -122,6 +122,17 @@ def test_configuration_error_gives_completer_abort_without_event() -> None:
     cds = h.cd_table()
     h.write_ste(8, h.ste_s1(cds, EATS=Eats.TRANS))  # CD V = 0
     assert _ats_ep(h, 8).ats_translate(VA).status is AtsStatus.COMPLETER_ABORT
+    assert h.decoded_events() == []
+
+
+def test_walk_external_abort_gives_completer_abort() -> None:
+    """§3.9.1.2: F_WALK_EABT on a TR is a CA completion, not a permission-less success."""
+    h = harness()
+    pt = h.s1_table()
+    cds = h.cd_table()
+    h.write_cd(cds, 0, CD.TTB0.set_address(h.cd(pt), 0x1_0000_0000))
+    h.write_ste(16, h.ste_s1(cds, EATS=Eats.TRANS))
+    assert _ats_ep(h, 16).ats_translate(VA).status is AtsStatus.COMPLETER_ABORT
     assert h.decoded_events() == []
 
 

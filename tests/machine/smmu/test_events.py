@@ -143,6 +143,16 @@ def test_ste_fetch_l2_table_in_unmapped_pa() -> None:
     assert etype is EventType.F_STE_FETCH and f["FETCHADDR"] == NO_RAM + 3 * 64
 
 
+def test_ste_fetch_l1_table_in_unmapped_pa() -> None:
+    h = harness(enable=False)
+    h.write_reg(Reg.STRTAB_BASE, STRTAB_BASE.ADDR.insert_address(NO_RAM))
+    h.write_reg(Reg.STRTAB_BASE_CFG, STRTAB_BASE_CFG.encode(LOG2SIZE=10, SPLIT=6, FMT=1))
+    h.enable()
+    assert not _ep(h, (5 << 6) | 1).read(0, 4).ok
+    etype, f = h.one_event()
+    assert etype is EventType.F_STE_FETCH and f["FETCHADDR"] == NO_RAM + 5 * 8  # the L1STD
+
+
 def test_ste_fetch_is_not_cached() -> None:
     """A failed fetch is retried next time (§3.21: aborted fetches are not cached)."""
     h = harness(two_level=True, log2size=10, split=6)
