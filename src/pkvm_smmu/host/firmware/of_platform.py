@@ -34,7 +34,7 @@ DEFAULT_BUS_MATCHES = ("simple-bus", "simple-mfd", "isa", "arm,amba-bus")
 AMBA_PRIMECELL = "arm,primecell"
 
 # arm-smmu-v3 DT quirk properties (arm_smmu_device_dt_probe / parse_driver_options).
-SMMU_DT_OPTIONS = ("hisilicon,broken-prefetch-cmd", "cavium,cn9900-broken-page1-regsize")
+SMMU_DT_OPTIONS = ("hisilicon,broken-prefetch-cmd", "cavium,cn9900-broken-page1-regspace")
 
 
 @dataclass(frozen=True)
