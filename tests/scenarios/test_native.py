@@ -185,3 +185,21 @@ def test_bad_input_is_refused_before_any_file_is_written(tmp_path: Path) -> None
     assert "bad.dts" in str(error.value)
     assert not out.exists() and list(tmp_path.iterdir()) == [bad]
     assert sorted(DESIGNS) == ["native"]
+
+
+def test_kernel_parameters_from_the_command_line() -> None:
+    from pkvm_smmu.host.iommu import DomainType
+    from pkvm_smmu.host.kernel import KernelParams
+
+    params = KernelParams.parse(
+        "console=ttyAMA0 iommu.strict=0 arm-smmu-v3.disable_bypass=0 arm_smmu_v3.disable_msipolling=1 "
+        "deferred_probe_timeout=3 fw_devlink=permissive"
+    )
+    assert params.iommu.default_domain_type is DomainType.DMA_FQ
+    assert not params.disable_bypass and params.disable_msipolling
+    assert params.deferred_probe_timeout == 3 and params.fw_devlink == "permissive"
+    system = boot_native(RunOptions(cmdline=params.cmdline))
+    assert system.host.kernel.fw_devlink == "permissive"
+    assert not system.host.smmus[0].params.disable_bypass
+    with pytest.raises(CmdlineError, match="fw_devlink"):
+        KernelParams.parse("fw_devlink=sometimes")

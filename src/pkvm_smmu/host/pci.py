@@ -122,6 +122,7 @@ class EcamPciDevice(PciDevice):
         self.enable_cnt = 0
         self.is_busmaster = False
         self.untrusted = False
+        self.dma_coherent = False  # of_dma_configure: the host bridge's dma-coherent
 
     @property
     def ats_supported(self) -> bool:
@@ -409,6 +410,7 @@ class PciHostGenericDriver:
             parent=parent,
         )
         dev.revision = class_rev & 0xFF
+        dev.dma_coherent = desc.dma_coherent
         dev.hdr_type = ecam.read(bus, devfn, PCI_HEADER_TYPE, 1)
         if dev.hdr_type & PCI_HEADER_TYPE_MASK != 0:
             self._emit("skip", dev=dev.name, why=f"header type {dev.hdr_type & PCI_HEADER_TYPE_MASK}")

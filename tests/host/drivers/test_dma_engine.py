@@ -109,3 +109,13 @@ def test_unbinding_frees_the_interrupt() -> None:
     assert [a.dev_id for a in desc.actions] == [engine]
     system.host.kernel.device_release_driver(engine.dev)
     assert desc.actions == [] and "0000:00:03.0" not in system.host.dma_engines
+
+
+def test_a_copy_without_memory_is_reported_not_raised() -> None:
+    system, sink = boot()
+    mm = system.host.mm
+    hog = mm.alloc_pages(mm.pages_free)
+    assert hog is not None
+    result = system.host.dma_engines["a000000.dma"].copy(4096)
+    assert result.state == "no-memory" and not result.ok
+    assert sink.select("host.dma_engine", "copy")[-1].fields["state"] == "no-memory"

@@ -104,7 +104,8 @@ class CopyResult:
     dst_pa: int
     src_dma: int | None
     dst_dma: int | None
-    state: str  # the engine's final STATE ("done", "error", "busy" on timeout, "unmapped")
+    state: str  # the engine's STATE at the end ("done", "error", "busy" on timeout), or "unmapped",
+    # "no-memory" when the driver could not set the transfer up
     error: str
     verified: bool  # the destination holds exactly the source pattern
     via_irq: bool  # completion seen by the interrupt handler (else by polling STATUS)
@@ -252,7 +253,9 @@ class DmaEngineDev:
             for page in (src_page, dst_page):
                 if page is not None:
                     drv.mm.free_pages(page, pages)
-            raise MemoryError(f"{self.name}: no memory for two {pages}-page buffers")
+            drv.emit("copy", dev=self.name, size=size, state="no-memory", verified=False)
+            return CopyResult(self.name, size, seed, 0, 0, None, None, "no-memory", "none", False, False, 0,
+                              0, 0)  # fmt: skip
         src_pa, dst_pa = src_page + offset, dst_page + offset
         pattern = random.Random(f"{seed}:{self.name}:{size}").randbytes(size)
         drv.cpu.write_bytes(src_pa, pattern)
