@@ -13,7 +13,7 @@ import argparse
 import time
 from collections.abc import Callable
 
-from pkvm_smmu.scenarios import RunOptions
+from pkvm_smmu.scenarios.boot import RunOptions
 from pkvm_smmu.scenarios.native import boot_native, run_dma_workload, run_native
 from pkvm_smmu.trace import RecordingSink
 

@@ -13,7 +13,7 @@ from pkvm_smmu.scenarios import DEFAULT_DESIGN, DESIGNS
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from pkvm_smmu.scenarios import RunReport
+    from pkvm_smmu.scenarios.report import RunReport
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -125,8 +125,8 @@ def run(
     from pkvm_smmu.devicetree import DeviceTreeError
     from pkvm_smmu.host.kernel import CmdlineError
     from pkvm_smmu.machine.platform import DeviceSpecError
-    from pkvm_smmu.scenarios import RunOptions
     from pkvm_smmu.scenarios import run as run_scenario
+    from pkvm_smmu.scenarios.boot import RunOptions
 
     _check_output(trace_json, "'--trace'")
     _check_output(trace_jsonl, "'--trace-jsonl'")

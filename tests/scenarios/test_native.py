@@ -11,8 +11,9 @@ import pytest
 from pkvm_smmu.devicetree import DeviceTreeError
 from pkvm_smmu.host.kernel import CmdlineError
 from pkvm_smmu.machine.platform import DeviceSpecError
-from pkvm_smmu.scenarios import DESIGNS, RunOptions, run
-from pkvm_smmu.scenarios.native import boot_native
+from pkvm_smmu.scenarios import DESIGNS, design, run
+from pkvm_smmu.scenarios.boot import RunOptions
+from pkvm_smmu.scenarios.native import boot_native, run_native
 from pkvm_smmu.trace import RecordingSink, TraceEvent, load_jsonl
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -184,7 +185,9 @@ def test_bad_input_is_refused_before_any_file_is_written(tmp_path: Path) -> None
         run(RunOptions(platform=str(bad), trace_jsonl=str(out)))
     assert "bad.dts" in str(error.value)
     assert not out.exists() and list(tmp_path.iterdir()) == [bad]
-    assert sorted(DESIGNS) == ["native"]
+    assert sorted(DESIGNS) == ["native"] and design("native") is run_native
+    with pytest.raises(KeyError, match="native"):
+        design("pv-magic")
 
 
 def test_kernel_parameters_from_the_command_line() -> None:
