@@ -79,7 +79,10 @@ class KvmIommu:
 
     # -- KvmIommuDriver ---------------------------------------------------------------------------
     def kvm_iommu_pages(self) -> int:
+        """The IOMMU pool's size, asked at carveout time (patch 11's per-driver hook)."""
         return self.ops.pool_pages(self)
+
+    pool_pages = kvm_iommu_pages
 
     def init(self) -> int:
         """``kvm_iommu_init``: the pool, the driver's ``init``, then the identity stage-2 snapshot."""

@@ -17,6 +17,9 @@ Choices where the series is ambiguous (collected into docs/pkvm-model.md):
   what it could not unmap (part of an MMIO block: blocks are never split).
 - A change that leaves the host some access to a range that is still mapped (a permission change)
   is unmap + invalidate + map. The series only ever sees owner changes (none <-> RW).
+- MMIO taken from the host after boot reaches the identity map here (the model's ownership code
+  reports every change; the posted ``__pkvm_host_donate_hyp_mmio`` does not call the IOMMU). A page
+  inside an MMIO block stays mapped and is warned about, as blocks are never split.
 """
 
 from __future__ import annotations

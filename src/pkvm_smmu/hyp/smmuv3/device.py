@@ -419,7 +419,8 @@ class HypSmmuV3:
 
     def _enable_cmdq(self) -> int:
         """The hyp's queue enabled, then CFGI_ALL + TLBI_NSNH_ALL + CMD_SYNC (policy permitting).
-        SMMUEN is left to the host's (emulated) CR0 writes."""
+        SMMUEN is left to the host's (emulated) CR0 writes; CMDQEN is ORed into whatever CR0 holds,
+        so an SMMU the host already enabled (the ``naive`` boot) is not turned off."""
         if not self.policy.takeover_enables_cmdq or self.cmdq is None:
             return 0
         cr0 = self._hw_read(Reg.CR0, 4) | _CMDQEN
