@@ -590,7 +590,9 @@ class HypSmmuV3:
             if trace.enabled:
                 trace.emit(COMPONENT, "cmd.seen", smmu=self.name, opcode=_opcode_name(command))
             verdict = self.policy.filter_command(self, command)
-            for issued in verdict.commands:
+            for index, issued in enumerate(verdict.commands):
+                if index and wait_for(self, lambda: not cmdq.full()):  # a variant may add commands
+                    self.warn("shadow command queue full")
                 cmdq.add_cmd_raw(issued)
             if trace.enabled:
                 trace.emit(
