@@ -1,7 +1,8 @@
 """``struct hyp_pool``: the hypervisor's buddy page allocator over a range of pages it owns.
 
 The hyp carveout is split into pools (the hyp's own, the IOMMU driver's: v4 patch 11). Addresses are
-physical. Blocks are naturally aligned within the pool, handed out lowest address first, and zeroed
+physical. Blocks are naturally aligned in the physical address space (as pKVM's buddy allocator
+aligns them, so a 16 KiB block is 16 KiB-aligned), handed out lowest address first, and zeroed
 when allocated, as pKVM's ``hyp_alloc_pages`` returns zeroed memory. Exhaustion returns None; freeing
 a page that is not allocated is a hypervisor bug (pKVM BUGs) and raises ``ValueError``.
 """
@@ -35,15 +36,15 @@ class HypPool:
         self._ram = ram
         self._trace = trace
         self.max_order = max(0, min(max_order, nr_pages.bit_length() - 1)) if nr_pages else 0
-        # Free blocks by order, as pool offsets: a set for membership and a heap for lowest-first.
+        # Free blocks by order, as absolute pfns: a set for membership and a heap for lowest-first.
         self._free: list[set[int]] = [set() for _ in range(self.max_order + 1)]
         self._heaps: list[list[int]] = [[] for _ in range(self.max_order + 1)]
-        self._allocated: set[int] = set()  # pool offsets of pages in use
+        self._allocated: set[int] = set()  # pfns of pages in use
         self._free_pages = 0
-        offset = 0
-        while offset < nr_pages:
+        offset, end = base_pfn, base_pfn + nr_pages
+        while offset < end:
             order = self.max_order
-            while order and (offset & ((1 << order) - 1) or offset + (1 << order) > nr_pages):
+            while order and (offset & ((1 << order) - 1) or offset + (1 << order) > end):
                 order -= 1
             self._push(offset, order)
             self._free_pages += 1 << order
@@ -63,7 +64,7 @@ class HypPool:
         return self.base_pfn <= pa >> PAGE_SHIFT < self.base_pfn + self.nr_pages
 
     def is_allocated(self, pa: int) -> bool:
-        return (pa >> PAGE_SHIFT) - self.base_pfn in self._allocated
+        return pa >> PAGE_SHIFT in self._allocated
 
     # -- allocation -----------------------------------------------------------------------------
     def alloc_page(self) -> int | None:
@@ -90,7 +91,7 @@ class HypPool:
         for page in range(offset + count, offset + (1 << order)):
             self._release(page)
         self.peak_used = max(self.peak_used, self.used_pages)
-        pa = (self.base_pfn + offset) << PAGE_SHIFT
+        pa = offset << PAGE_SHIFT
         if self._ram is not None:
             self._ram.zero(pa, count << PAGE_SHIFT)
         return self._traced("alloc", pa, count)
@@ -100,7 +101,7 @@ class HypPool:
 
     def free_pages(self, pa: int, count: int = 1) -> None:
         """Return ``count`` pages starting at ``pa``, merging free buddies."""
-        first = (pa >> PAGE_SHIFT) - self.base_pfn
+        first = pa >> PAGE_SHIFT
         pages = range(first, first + count)
         if pa & ((1 << PAGE_SHIFT) - 1) or any(page not in self._allocated for page in pages):
             raise ValueError(f"hyp pool {self.name}: freeing {pa:#x}+{count} pages, not allocated")
