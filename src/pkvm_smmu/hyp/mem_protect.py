@@ -23,7 +23,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from errno import EBUSY, EEXIST, EINVAL, ENOENT, EPERM
+from errno import EBUSY, EEXIST, EINVAL, ENOENT, EOVERFLOW, EPERM
 from types import MappingProxyType
 
 from pkvm_smmu.hyp.contracts import (
@@ -44,6 +44,7 @@ from pkvm_smmu.pgtable.prot import Prot
 from pkvm_smmu.trace import TraceBus
 
 HOST_MEM_PROT = Prot.READ | Prot.WRITE  # what the host regains (PKVM_HOST_MEM_PROT without X)
+HYP_DMA_REFCOUNT_MAX = 0xFFFF  # hyp_page.refcount is 16 bits in pKVM
 
 _OWNED = PageState.OWNED
 _SHARED_OWNED = PageState.SHARED_OWNED
@@ -100,6 +101,8 @@ class MemProtect:
         # Hyp stage-1: absent means NOPAGE.
         self._hyp: dict[int, tuple[PageState, KvmPgtableProt]] = {}
         self._pins: dict[int, int] = {}
+        # Pages mapped in an IOMMU page table for the host's DMA (``hyp_page.refcount``), RFC v2 / ACK.
+        self._dma_refs: dict[int, int] = {}
         self._vms: dict[int, HypVm] = {}
         # Pages of torn-down guests waiting for the host's __pkvm_host_reclaim_page: pfn -> vm_id.
         self._pending_reclaim: dict[int, int] = {}
@@ -180,6 +183,17 @@ class MemProtect:
 
     def pin_count(self, pfn: int) -> int:
         return self._pins.get(pfn, 0)
+
+    def dma_refcount(self, pfn: int) -> int:
+        """How many IOMMU mappings of the host's DMA use this page."""
+        return self._dma_refs.get(pfn, 0)
+
+    def _dma_busy(self, pfn: int, nr_pages: int) -> int:
+        """-EBUSY when a page of the range is mapped for DMA: it may not change hands."""
+        refs = self._dma_refs
+        if refs and any(page in refs for page in range(pfn, pfn + nr_pages)):
+            return -EBUSY
+        return 0
 
     def share_guest_count(self, pfn: int) -> int:
         return self._share_guest_count.get(pfn, 0)
@@ -280,7 +294,7 @@ class MemProtect:
     def _host_share_hyp(self, pfn: int) -> int:
         if not self.pfn_range_is_valid(pfn, 1):
             return -EINVAL
-        ret = self._host_check(pfn, 1, _OWNED) or self._hyp_check(pfn, 1, _NOPAGE)
+        ret = self._host_check(pfn, 1, _OWNED) or self._hyp_check(pfn, 1, _NOPAGE) or self._dma_busy(pfn, 1)
         if ret:
             return ret
         self._hyp[pfn] = (_SHARED_BORROWED, PAGE_HYP)
@@ -315,7 +329,11 @@ class MemProtect:
             return -EPERM
         if not self.pfn_range_is_valid(pfn, nr_pages):
             return -EINVAL
-        ret = self._host_check(pfn, nr_pages, _OWNED) or self._hyp_check(pfn, nr_pages, _NOPAGE)
+        ret = (
+            self._host_check(pfn, nr_pages, _OWNED)
+            or self._hyp_check(pfn, nr_pages, _NOPAGE)
+            or self._dma_busy(pfn, nr_pages)
+        )
         if ret:
             return ret
         self._set_host_owner(pfn, nr_pages, HYP)
@@ -373,6 +391,64 @@ class MemProtect:
                 self._pins[page] = count
             else:
                 del self._pins[page]
+        return 0
+
+    # -- DMA refcounts (RFC v2, ACK __pkvm_host_use_dma) ------------------------------------------
+    def host_use_dma(self, pfn: int, nr_pages: int) -> int:
+        """``__pkvm_host_use_dma``: before an IOMMU maps pages for the host's DMA, take one reference
+        on each, so that no donation or share can move them while a device may reach them.
+
+        Memory must be host OWNED, or shared by or with the host while the hyp does not map it (a
+        page shared with a guest); -EPERM otherwise. Non-memory the host may access (an MSI
+        doorbell) is allowed and not counted; MMIO the hyp owns is -EPERM. -EINVAL for a range that
+        is out of the PA range or straddles memory and non-memory."""
+        return self._trace("host_use_dma", pfn, nr_pages, self._host_use_dma(pfn, nr_pages))
+
+    def _host_use_dma(self, pfn: int, nr_pages: int) -> int:
+        if not self.pfn_range_is_valid(pfn, nr_pages):
+            return -EINVAL
+        is_mem, start, end = self._mem_range(pfn)
+        if not start <= pfn + nr_pages - 1 < end:
+            return -EINVAL
+        pages = range(pfn, pfn + nr_pages)
+        if not is_mem:
+            owned = self._owner
+            return -EPERM if owned and any(page in owned for page in pages) else 0
+        for page in pages:
+            state = self.host_state(page)
+            if state is _NOPAGE or (state is not _OWNED and page in self._hyp):
+                return -EPERM
+            if self._dma_refs.get(page, 0) >= HYP_DMA_REFCOUNT_MAX:
+                return -EOVERFLOW
+        refs = self._dma_refs
+        for page in pages:
+            refs[page] = refs.get(page, 0) + 1
+        return 0
+
+    def host_unuse_dma(self, pfn: int, nr_pages: int) -> int:
+        """``__pkvm_host_unuse_dma``: drop the references once the IOMMU no longer maps the pages
+        (after TLBI + CMD_SYNC). pKVM WARNs on a page without references; the model refuses the
+        whole range with -EINVAL and changes nothing. Non-memory is a no-op."""
+        return self._trace("host_unuse_dma", pfn, nr_pages, self._host_unuse_dma(pfn, nr_pages))
+
+    def _host_unuse_dma(self, pfn: int, nr_pages: int) -> int:
+        if not self.pfn_range_is_valid(pfn, nr_pages):
+            return -EINVAL
+        is_mem, start, end = self._mem_range(pfn)
+        if not start <= pfn + nr_pages - 1 < end:
+            return -EINVAL
+        if not is_mem:
+            return 0
+        refs = self._dma_refs
+        pages = range(pfn, pfn + nr_pages)
+        if any(not refs.get(page) for page in pages):
+            return -EINVAL
+        for page in pages:
+            count = refs[page] - 1
+            if count:
+                refs[page] = count
+            else:
+                del refs[page]
         return 0
 
     # -- MMIO (v4 patch 02) ---------------------------------------------------------------------
@@ -465,6 +541,8 @@ class MemProtect:
         state = self.host_state(pfn)
         if not (state is _OWNED or (state is _SHARED_OWNED and self._share_guest_count.get(pfn))):
             return -EPERM
+        if self._dma_busy(pfn, 1):
+            return -EBUSY
         self._host_shared[pfn] = _SHARED_OWNED
         self._share_guest_count[pfn] = self._share_guest_count.get(pfn, 0) + 1
         hyp_vm.stage2[gfn] = GuestPte(pfn, _SHARED_BORROWED, KvmPgtableProt(prot))
@@ -515,6 +593,8 @@ class MemProtect:
             return ret
         if gfn in hyp_vm.stage2:
             return -EPERM
+        if self._dma_busy(pfn, 1):
+            return -EBUSY
         self._set_host_owner(pfn, 1, guest(vm))
         hyp_vm.stage2[gfn] = GuestPte(pfn, _OWNED, KVM_PGTABLE_PROT_RWX)
         return 0
