@@ -49,8 +49,14 @@ class ConfigCache:
         self._l1cd: dict[tuple[int, int], tuple[int, int]] = {}  # (sid, L1 index) -> (L1CD, PA)
         self._cd: dict[tuple[int, int], ContextConfig] = {}  # (sid, CD index)
         self.generation = 0  # bumped by every invalidation, for derived lookup accelerators
+        # Called after every invalidation, before any eager prefetch: derived accelerators (the
+        # translator's micro-TLB) drop what they built from the cache without a check per hit.
+        self._invalidation_listeners: list[Callable[[], None]] = []
         self._known_sids: set[int] = set()
         self._initiators: dict[tuple[int, str], Initiator] = {}
+
+    def add_invalidation_listener(self, listener: Callable[[], None]) -> None:
+        self._invalidation_listeners.append(listener)
 
     # -- fetch ------------------------------------------------------------------------------
     def _initiator(self, sid: int, purpose: str) -> Initiator:
@@ -250,6 +256,8 @@ class ConfigCache:
 
     def _invalidated(self, sids: Iterator[int] | range | list[int]) -> None:
         self.generation += 1
+        for listener in self._invalidation_listeners:
+            listener()
         if self.smmu.options.eager_config_prefetch:
             for sid in sids:
                 if sid in self._known_sids:

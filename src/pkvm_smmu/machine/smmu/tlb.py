@@ -13,7 +13,9 @@ stage-1 descriptor, not the fragment), hence ``TlbEntry.leaf_size``.
 
 Index: per kind, VMID tag (EL2 ignores VMIDs), ASID tag (None = global) and entry size, a dict
 from input base to entry. A hit costs a few dict probes; a VA/IPA invalidation probes the bases
-its range covers, or scans one size bucket when that is smaller.
+its range covers, or scans one size bucket when that is smaller. An entry's ``alive`` is cleared
+when it leaves the TLB, so accelerators that hold entries (the translator's micro-TLB) can check
+one flag instead of being flushed by every invalidation or eviction.
 """
 
 from __future__ import annotations
@@ -59,7 +61,6 @@ class TlbEntry:
     attr: int
     level: int  # leaf level of the stage TLBIs address: stage 1 for S1/NESTED, stage 2 for S2
     sources: tuple[int, ...]  # every descriptor PA read to build the entry, both stages
-    seq: int = 0  # insertion order, set by Tlb.insert
     # NESTED entries: stage-1 output IPA of input_base, and the stage-2 permissions.
     ipa_base: int = 0
     s2_readable: bool = True
@@ -68,6 +69,8 @@ class TlbEntry:
     # Size of the stage-1 leaf this entry was cut from, when larger than ``size`` (a NESTED entry
     # limited by a smaller stage-2 leaf); 0 means ``size``. TLBIs by VA match the whole leaf.
     leaf_size: int = 0
+    seq: int = 0  # insertion order, set by Tlb.insert
+    alive: bool = True  # set by Tlb.insert, cleared when the entry is invalidated, replaced or evicted
 
 
 class Tlb:
@@ -95,12 +98,12 @@ class Tlb:
     ) -> TlbEntry | None:
         """The entry translating ``address`` for these tags: S1/NESTED entries match the VMID and
         either the ASID or global; S2 entries match the VMID; EL2 entries ignore the VMID."""
-        spaces = self._s1 if kind is _S1 else self._s2 if kind is _S2 else self._nested
+        if kind is _S2:
+            return self.lookup_s2(world, vmid, address)
+        spaces = self._s1 if kind is _S1 else self._nested
         space = spaces.get(vmid if world == WORLD_EL1 else _EL2_VM)
         if space is None:
             return None
-        if kind is _S2:
-            asid = None
         by_size = space.get(asid)
         if by_size is not None:
             for size, table in by_size.items():
@@ -116,27 +119,57 @@ class Tlb:
                         return entry
         return None
 
+    def lookup_s2(self, world: str, vmid: int, address: int) -> TlbEntry | None:
+        """``lookup`` of a stage-2 entry (the nested walk's table and output IPAs use it directly)."""
+        space = self._s2.get(vmid if world == WORLD_EL1 else _EL2_VM)
+        if space is not None:
+            by_size = space.get(None)
+            if by_size is not None:
+                for size, table in by_size.items():
+                    entry = table.get(address & -size)
+                    if entry is not None:
+                        return entry
+        return None
+
     def insert(self, entry: TlbEntry) -> None:
         """Cache ``entry`` (it replaces an entry with the same tags and range); with a capacity,
         the oldest entries are evicted first."""
         kind = entry.kind
         vm = entry.vmid if entry.world == WORLD_EL1 else _EL2_VM
-        tag = None if kind is _S2 else entry.asid
-        spaces = self._s1 if kind is _S1 else self._s2 if kind is _S2 else self._nested
-        table = spaces.setdefault(vm, {}).setdefault(tag, {}).setdefault(entry.size, {})
-        old = table.get(entry.input_base)
+        if kind is _S2:
+            tag = None
+            spaces = self._s2
+        else:
+            tag = entry.asid
+            spaces = self._s1 if kind is _S1 else self._nested
+        # get-then-create: setdefault would build three throw-away dicts per fill.
+        space = spaces.get(vm)
+        if space is None:
+            space = spaces[vm] = {}
+        by_size = space.get(tag)
+        if by_size is None:
+            by_size = space[tag] = {}
+        size = entry.size
+        table = by_size.get(size)
+        if table is None:
+            table = by_size[size] = {}
+        base = entry.input_base
+        order = self._order
+        old = table.get(base)
         if old is not None:
-            del self._order[old.seq]
+            old.alive = False
+            del order[old.seq]
             self.generation += 1
-        if entry.leaf_size > entry.size:
-            bucket = (kind, vm, tag, entry.size)
+        if entry.leaf_size > size:
+            bucket = (kind, vm, tag, size)
             if entry.leaf_size > self._fragments.get(bucket, 0):
                 self._fragments[bucket] = entry.leaf_size
-        self._seq += 1
-        entry.seq = self._seq
-        table[entry.input_base] = entry
-        self._order[entry.seq] = entry
-        if self.capacity is not None and len(self._order) > self.capacity:
+        seq = self._seq = self._seq + 1
+        entry.seq = seq
+        entry.alive = True
+        table[base] = entry
+        order[seq] = entry
+        if self.capacity is not None and len(order) > self.capacity:
             while len(self._order) > self.capacity:
                 self._remove(self._order.popitem(last=False)[1], ordered=False)
             self.generation += 1
@@ -229,6 +262,7 @@ class Tlb:
         for by_size in space.values():
             for table in by_size.values():
                 for entry in table.values():
+                    entry.alive = False
                     del order[entry.seq]
         if self._fragments:
             self._fragments = {
@@ -246,6 +280,7 @@ class Tlb:
         for entry_size, table in by_size.items():
             self._fragments.pop((kind, vm, asid, entry_size), None)
             for entry in table.values():
+                entry.alive = False
                 del self._order[entry.seq]
         if not space:
             del spaces[vm]
@@ -298,6 +333,7 @@ class Tlb:
         by_size = space[tag]
         table = by_size[entry.size]
         del table[entry.input_base]
+        entry.alive = False
         if ordered:
             del self._order[entry.seq]
         if not table:

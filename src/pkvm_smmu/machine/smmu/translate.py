@@ -2,19 +2,28 @@
 context lookup, stage 1 / stage 2 / nested translation through the TLB, fault recording, and ATS.
 
 Device-facing entry points are ``translate``, ``dma_read``, ``dma_write`` and ``ats_request``.
+
+Hot paths (DESIGN rule 9). A TLB hit is answered from the micro-TLB: a dict from (StreamID,
+SubstreamID, page) to the architectural TLB entry that translated that page, used while the
+entry is ``alive`` (still in the TLB). A miss on a stream whose configuration is cached skips the
+configuration lookups and checks through a per-(StreamID, SubstreamID) plan, and walks with
+``walk_raw`` straight into a positionally built ``TlbEntry``. Both accelerators are derived
+state: they are dropped on every configuration invalidation and never change a result.
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import Enum
 from typing import TYPE_CHECKING
 
 from pkvm_smmu.arch.events import EVENT_FIELDS, EventType, FaultClass, build_event
-from pkvm_smmu.arch.registers import GBPA
+from pkvm_smmu.arch.registers import CR0, GBPA
 from pkvm_smmu.arch.strtab import Eats, S1Dss, SteConfig
 from pkvm_smmu.machine.bus import ExternalAbort, Initiator, InitiatorKind
+from pkvm_smmu.machine.memory import PAGE_MASK, PAGE_SHIFT
 from pkvm_smmu.machine.smmu.config import ConfigFault
 from pkvm_smmu.machine.smmu.decode import ContextConfig, StreamConfig
 from pkvm_smmu.machine.smmu.tlb import TlbEntry
@@ -25,10 +34,8 @@ from pkvm_smmu.machine.smmu.types import (
     TranslationResult,
     WalkConfig,
     WalkFault,
-    WalkLeaf,
 )
-from pkvm_smmu.machine.smmu.walk import _leaf as _walk_leaf
-from pkvm_smmu.machine.smmu.walk import check_permission, walk
+from pkvm_smmu.machine.smmu.walk import walk_raw
 
 if TYPE_CHECKING:
     from pkvm_smmu.machine.smmu.device import SmmuV3
@@ -36,14 +43,33 @@ if TYPE_CHECKING:
 _PAGE_SHIFT = 12
 _PAGE_SIZE = 1 << _PAGE_SHIFT
 _TOP_BYTE_MASK = (1 << 56) - 1
+_TOP_BYTE = 0xFF << 56
 _ALL_ONES_64 = (1 << 64) - 1
+_SMMUEN = CR0.SMMUEN.in_place_mask
+_OK = Outcome.OK
 _ABORT = TranslationResult(Outcome.ABORT)
+_S1 = TranslationKind.S1
+_S2 = TranslationKind.S2
+_NESTED = TranslationKind.NESTED
 _TRANSLATION_FAULTS = frozenset(
     {EventType.F_TRANSLATION, EventType.F_ADDR_SIZE, EventType.F_ACCESS, EventType.F_PERMISSION}
 )
+# Bounds on the derived accelerators: past these they are simply emptied and rebuilt.
+_MICRO_TLB_MAX = 1 << 14
+_PLANS_MAX = 1 << 12
+_read_u64 = struct.Struct("<Q").unpack_from
 
 DescriptorReader = Callable[[int], "int | ExternalAbort"]
 IpaTranslator = Callable[[int], "int | WalkFault"]
+# What a translation used, for verification tools: the transaction, the cached STE and CD (None
+# where the flow did not need them), the TLB entry it hit or filled (None when it used none), and
+# the result.
+Observer = Callable[
+    [Transaction, "StreamConfig | None", "ContextConfig | None", "TlbEntry | None", TranslationResult], None
+]
+# (stream, context): a stream and SubstreamID whose checks all passed, with the CD stage 1 uses,
+# or None when the flow is stage 2 only.
+_Plan = tuple[StreamConfig, "ContextConfig | None"]
 
 
 class AtsStatus(Enum):
@@ -79,10 +105,17 @@ class _Fault:
 class Translator:
     def __init__(self, smmu: SmmuV3) -> None:
         self.smmu = smmu
-        # A derived accelerator over the architectural TLB: (sid, ssid, page) -> (entry, pa - va).
-        # Emptied whenever the TLB or configuration caches change, so it never outlives them.
-        self._micro_tlb: dict[tuple[int, int | None, int], tuple[TlbEntry, int]] = {}
-        self._micro_stamp = (-1, -1)
+        self._regs = smmu.regs
+        self._trace = smmu.trace
+        # (sid, ssid, page) -> the TLB entry that translated the page; used while entry.alive.
+        # Emptied on configuration invalidation and while an observer is set.
+        self._micro_tlb: dict[tuple[int, int | None, int], TlbEntry] = {}
+        self._plans: dict[tuple[int, int | None], _Plan] = {}
+        self._observer: Observer | None = None
+        # The cached structures the translation in progress used (for the observer).
+        self._used_stream: StreamConfig | None = None
+        self._used_context: ContextConfig | None = None
+        self._used_entry: TlbEntry | None = None
         self._readers: dict[int, DescriptorReader] = {}  # per StreamID: descriptor reads of walks
         self._device_initiators: dict[tuple[int, int | None], Initiator] = {}
         self._answering_ats = False
@@ -90,28 +123,46 @@ class Translator:
         # stage-1 output address (an IPA when nested: the split-stage ATS completion).
         self._ats_config_error = False
         self._ats_ipa = 0
+        smmu.config_cache.add_invalidation_listener(self._config_invalidated)
+
+    @property
+    def observer(self) -> Observer | None:
+        """Called after every ``translate`` (so every DMA part) with the cached structures it used.
+
+        ATS Translation Requests are not reported (they access no memory; the device's later
+        Translated transactions are). While set, the micro-TLB is bypassed so that every use of
+        a TLB entry is seen; unset, it costs the hit path nothing.
+        """
+        return self._observer
+
+    @observer.setter
+    def observer(self, observer: Observer | None) -> None:
+        self._observer = observer
+        self._micro_tlb.clear()  # nothing is added back while an observer is set
+
+    def _config_invalidated(self) -> None:
+        self._micro_tlb.clear()
+        self._plans.clear()
 
     # -- device-facing ------------------------------------------------------------------------
     def translate(self, txn: Transaction) -> TranslationResult:
-        smmu = self.smmu
-        if not smmu.smmu_enabled:
-            return self._smmu_disabled(txn)
-        if txn.ats_translated:
-            return self._ats_translated(txn)
-        stamp = (smmu.tlb.generation, smmu.config_cache.generation)
-        if stamp != self._micro_stamp:
-            self._micro_tlb.clear()
-            self._micro_stamp = stamp
-        hit = self._micro_tlb.get((txn.stream_id, txn.substream_id, txn.address >> _PAGE_SHIFT))
-        if hit is not None and not txn.instruction:
-            entry, offset = hit
-            if txn.is_write:
-                permitted = entry.writable and entry.s2_writable
-            else:
-                permitted = entry.readable and entry.s2_readable
-            if permitted and (txn.privileged or entry.unpriv):
-                return TranslationResult(Outcome.OK, txn.address + offset)
-        return self._translate_slow(txn)
+        # Hot path: a micro-TLB hit is a dict probe and the entry's permission bits.
+        if self._regs.cr0ack & _SMMUEN and not txn.ats_translated and not txn.instruction:
+            entry = self._micro_tlb.get((txn.stream_id, txn.substream_id, txn.address >> _PAGE_SHIFT))
+            if (
+                entry is not None
+                and entry.alive
+                and (txn.privileged or entry.unpriv)
+                and (
+                    (entry.writable and entry.s2_writable)
+                    if txn.is_write
+                    else (entry.readable and entry.s2_readable)
+                )
+            ):
+                if self._trace.enabled:
+                    self._trace_tlb(txn, True)
+                return TranslationResult(_OK, txn.address + entry.output_base - entry.input_base)
+        return self._translate_full(txn)
 
     def dma_read(self, txn: Transaction) -> bytes | TranslationResult:
         """Translate and read ``txn.size`` bytes; RAZ/WI termination reads zeros."""
@@ -156,7 +207,30 @@ class Translator:
             self._device_initiators[key] = initiator
         return initiator
 
+    def _trace_tlb(self, txn: Transaction, hit: bool) -> None:
+        self._trace.emit(
+            self.smmu.name,
+            "tlb.hit" if hit else "tlb.miss",
+            sid=txn.stream_id,
+            ssid=txn.substream_id,
+            address=txn.address,
+        )
+
     # -- disabled, bypass, ATS Translated -------------------------------------------------------
+    def _translate_full(self, txn: Transaction) -> TranslationResult:
+        """Everything but a micro-TLB hit; tells the observer what the translation used."""
+        self._used_stream = self._used_context = self._used_entry = None
+        if not self._regs.cr0ack & _SMMUEN:
+            result = self._smmu_disabled(txn)
+        elif txn.ats_translated:
+            result = self._ats_translated(txn)
+        else:
+            result = self._translate_slow(txn)
+        observer = self._observer
+        if observer is not None:
+            observer(txn, self._used_stream, self._used_context, self._used_entry, result)
+        return result
+
     def _smmu_disabled(self, txn: Transaction) -> TranslationResult:
         if txn.ats_translated:
             # Translated traffic with SMMUEN=0 is forbidden (F_TRANSL_FORBIDDEN may be recorded).
@@ -174,6 +248,7 @@ class Translator:
             # Aborted; configuration errors are recorded only with SMMU_CR2.REC_CFG_ATS, which this
             # model does not implement (§3.9.1.3).
             return _ABORT
+        self._used_stream = stream
         eats = self._effective_eats(stream)
         if eats == Eats.TRANS:
             return TranslationResult(Outcome.OK, txn.address)
@@ -191,10 +266,24 @@ class Translator:
 
     # -- the full flow -------------------------------------------------------------------------
     def _translate_slow(self, txn: Transaction) -> TranslationResult:
-        stream = self.smmu.config_cache.lookup_stream(txn.stream_id)
-        if isinstance(stream, ConfigFault):
-            return self._report(txn, self._config_fault(stream))
-        return self._translate_stream(txn, stream)
+        plan = self._plans.get((txn.stream_id, txn.substream_id))
+        if plan is not None:
+            # The cached STE (and CD) and every check _translate_stream made still hold: no
+            # invalidation happened since (it would have dropped the plan).
+            stream, context = plan
+            self._used_stream = stream
+            privcfg, instcfg = stream.privcfg, stream.instcfg
+            privileged = txn.privileged if privcfg < 2 else privcfg == 3
+            instruction = (txn.instruction if instcfg < 2 else instcfg == 3) and not txn.is_write
+            if context is None:
+                return self._stage2_only(txn, stream, privileged, instruction)
+            self._used_context = context
+            return self._stage1(txn, stream, context, privileged, instruction)
+        looked_up = self.smmu.config_cache.lookup_stream(txn.stream_id)
+        if isinstance(looked_up, ConfigFault):
+            return self._report(txn, self._config_fault(looked_up))
+        self._used_stream = looked_up
+        return self._translate_stream(txn, looked_up)
 
     def _translate_stream(self, txn: Transaction, stream: StreamConfig) -> TranslationResult:
         smmu = self.smmu
@@ -217,13 +306,24 @@ class Translator:
                 context = smmu.config_cache.lookup_context(stream, index, s2_fetch)
                 if isinstance(context, ConfigFault):
                     return self._report(txn, self._config_fault(context))
+                self._used_context = context
                 if context.illegal is not None:
                     return self._report(txn, _Fault(EventType.C_BAD_CD))
+                self._add_plan(txn, stream, context)
                 return self._stage1(txn, stream, context, privileged, instruction)
             # S1DSS=BYPASS and no SubstreamID: stage 1 is skipped.
         if stream.s2:
+            self._add_plan(txn, stream, None)
             return self._stage2_only(txn, stream, privileged, instruction)
         return TranslationResult(Outcome.OK, txn.address)
+
+    def _add_plan(self, txn: Transaction, stream: StreamConfig, context: ContextConfig | None) -> None:
+        # Only what the configuration cache holds (it caches nothing while SMMUEN=0).
+        if self._regs.cr0ack & _SMMUEN:
+            plans = self._plans
+            if len(plans) >= _PLANS_MAX:
+                plans.clear()
+            plans[(txn.stream_id, txn.substream_id)] = (stream, context)
 
     @staticmethod
     def _cd_index(stream: StreamConfig, ssid: int | None) -> int | _Fault | None:
@@ -253,183 +353,163 @@ class Translator:
     ) -> TranslationResult:
         va = txn.address
         upper = (va >> 55) & 1
-        walk_cfg = context.ttb1 if upper else context.ttb0
-        tbi = context.tbi1 if upper else context.tbi0
         # With TBI the top byte is ignored: treat it as the sign extension of bit 55.
-        tlb_va = ((va & _TOP_BYTE_MASK) | ((0xFF << 56) if upper else 0)) if tbi else va
-        s1_fault = _Fault(EventType.F_TRANSLATION, record=context.record, abort=context.abort)
-        if walk_cfg is None:  # EPDx: no walk
-            return self._report(txn, s1_fault)
-        expected_top = (_ALL_ONES_64 >> walk_cfg.input_bits) if upper else 0
-        if tlb_va >> walk_cfg.input_bits != expected_top:  # in neither TTB0's nor TTB1's range
-            return self._report(txn, s1_fault)
-        reduced = tlb_va & ((1 << walk_cfg.input_bits) - 1)
-        region_base = tlb_va - reduced
-        kind = TranslationKind.NESTED if stream.s2 else TranslationKind.S1
+        if upper:
+            walk_cfg = context.ttb1
+            tlb_va = (va & _TOP_BYTE_MASK) | _TOP_BYTE if context.tbi1 else va
+        else:
+            walk_cfg = context.ttb0
+            tlb_va = va & _TOP_BYTE_MASK if context.tbi0 else va
+        # EPDx (no walk), or an input in neither TTB0's nor TTB1's range.
+        input_bits = 0 if walk_cfg is None else walk_cfg.input_bits
+        if walk_cfg is None or tlb_va >> input_bits != ((_ALL_ONES_64 >> input_bits) if upper else 0):
+            fault = _Fault(EventType.F_TRANSLATION, record=context.record, abort=context.abort)
+            return self._report(txn, fault)
+        kind = _NESTED if stream.s2 else _S1
         entry = self.smmu.tlb.lookup(kind, stream.world, stream.vmid, context.asid, tlb_va)
+        if self._trace.enabled:
+            self._trace_tlb(txn, entry is not None)
         if entry is None:
-            built = self._fill_stage1(txn, stream, context, walk_cfg, reduced, region_base, kind)
+            reduced = tlb_va & ((1 << input_bits) - 1)
+            if kind is _S1:
+                built = self._fill_stage1(stream, context, walk_cfg, reduced, tlb_va - reduced)
+            else:
+                built = self._fill_nested(stream, context, walk_cfg, reduced, tlb_va - reduced)
             if isinstance(built, _Fault):
                 return self._report(txn, built)
             entry = built
-        failing_stage = _failing_stage(entry, txn.is_write, privileged, instruction)
-        if failing_stage == 1:
+        self._used_entry = entry
+        # The permission checks of walk.check_permission, on the (possibly combined) entry.
+        if txn.is_write:
+            stage1 = entry.writable and (privileged or entry.unpriv)
+            stage2 = entry.s2_writable
+        elif instruction:
+            stage1 = entry.priv_executable if privileged else entry.executable
+            stage2 = entry.s2_executable
+        else:
+            stage1 = entry.readable and (privileged or entry.unpriv)
+            stage2 = entry.s2_readable
+        if not stage1:
             return self._report(
                 txn, _Fault(EventType.F_PERMISSION, record=context.record, abort=context.abort)
             )
-        if failing_stage == 2:
+        if not stage2:
             ipa = entry.ipa_base + (tlb_va - entry.input_base)
             return self._report(txn, _Fault(EventType.F_PERMISSION, 2, ipa=ipa, record=stream.s2_record))
-        offset = entry.output_base - entry.input_base + (tlb_va - va)
         if self._answering_ats:
             self._ats_ipa = entry.ipa_base + (tlb_va - entry.input_base)
-        if not instruction and privileged == txn.privileged:
-            self._micro_tlb[(txn.stream_id, txn.substream_id, va >> _PAGE_SHIFT)] = (entry, offset)
-        return TranslationResult(Outcome.OK, va + offset)
+        # The micro-TLB answers with entry's own offset: not for tagged (TBI) addresses.
+        if tlb_va == va and not instruction and privileged == txn.privileged and self._observer is None:
+            micro = self._micro_tlb
+            if len(micro) >= _MICRO_TLB_MAX:
+                micro.clear()
+            micro[(txn.stream_id, txn.substream_id, va >> _PAGE_SHIFT)] = entry
+        return TranslationResult(_OK, tlb_va + entry.output_base - entry.input_base)
 
     def _fill_stage1(
         self,
-        txn: Transaction,
         stream: StreamConfig,
         context: ContextConfig,
         walk_cfg: WalkConfig,
         reduced: int,
         region_base: int,
-        kind: TranslationKind,
     ) -> TlbEntry | _Fault:
-        s2_sources: list[int] = []
-        translate_table: IpaTranslator | None = None
-        if stream.s2:
-
-            def translate_table(ipa: int) -> int | WalkFault:
-                leaf = self._s2_leaf(stream, ipa)
-                if isinstance(leaf, WalkFault):
-                    return leaf
-                s2_sources.extend(leaf.path)
-                # A descriptor read needs stage-2 read permission; S2PTW also forbids Device memory.
-                if not leaf.readable or (stream.s2_ptw and _s2_is_device(leaf.attr)):
-                    return WalkFault(EventType.F_PERMISSION, 2, leaf.level, FaultClass.TT, ipa=ipa)
-                return leaf.output_base + (ipa - leaf.input_base)
-
-        result = walk(walk_cfg, reduced, self._descriptor_reader(txn.stream_id), translate_table)
+        """Walk a stage-1-only translation and cache it."""
+        sid = stream.sid
+        reader = self._readers.get(sid) or self._descriptor_reader(sid)
+        result = walk_raw(walk_cfg, reduced, reader, None)
         if isinstance(result, WalkFault):
-            if result.stage == 2:  # a stage-1 descriptor's IPA failed stage 2 (CLASS=TT)
+            return _stage1_walk_fault(result, stream, context)
+        input_base, output_base, level, size, _, _, path, read, write, unpriv, x, px, glob, attr = result
+        # Positional, in TlbEntry's field order: keywords cost as much as the walk's reads.
+        entry = TlbEntry(
+            _S1, stream.world, stream.vmid, None if glob else context.asid, region_base + input_base,
+            size, output_base, read, write, unpriv, x, px, attr, level, path, output_base,
+        )  # fmt: skip
+        self.smmu.tlb.insert(entry)
+        return entry
+
+    def _fill_nested(
+        self,
+        stream: StreamConfig,
+        context: ContextConfig,
+        walk_cfg: WalkConfig,
+        reduced: int,
+        region_base: int,
+    ) -> TlbEntry | _Fault:
+        """Walk stage 1 with every table address through stage 2, then stage 2 for the output;
+        cache the combined entry (stage-2 leaves are cached on the way)."""
+        s2_sources: list[int] = []
+        lookup_s2 = self.smmu.tlb.lookup_s2
+        world, vmid, s2_ptw = stream.world, stream.vmid, stream.s2_ptw
+
+        def translate_table(ipa: int) -> int | WalkFault:
+            s2 = lookup_s2(world, vmid, ipa)
+            if s2 is None:
+                walked = self._s2_walk(stream, ipa)
+                if isinstance(walked, WalkFault):
+                    return walked
+                s2 = walked
+            s2_sources.extend(s2.sources)
+            # A descriptor read needs stage-2 read permission; S2PTW also forbids Device memory.
+            if not s2.readable or (s2_ptw and _s2_is_device(s2.attr)):
+                return WalkFault(EventType.F_PERMISSION, 2, s2.level, FaultClass.TT, ipa=ipa)
+            return s2.output_base + (ipa - s2.input_base)
+
+        sid = stream.sid
+        reader = self._readers.get(sid) or self._descriptor_reader(sid)
+        result = walk_raw(walk_cfg, reduced, reader, translate_table)
+        if isinstance(result, WalkFault):
+            return _stage1_walk_fault(result, stream, context)
+        input_base, output_base, level, s1_size, _, _, path, read, write, unpriv, x, px, glob, attr = result
+        ipa = output_base + (reduced - input_base)
+        s2 = lookup_s2(world, vmid, ipa)
+        if s2 is None:
+            walked = self._s2_walk(stream, ipa)
+            if isinstance(walked, WalkFault):
                 return _Fault(
-                    result.event_type,
-                    2,
-                    FaultClass.TT,
-                    ipa=result.ipa,
-                    fetch_address=result.fetch_address,
-                    record=stream.s2_record,
-                )
-            fault_class = FaultClass.TT if result.event_type == EventType.F_WALK_EABT else FaultClass.IN
-            return _Fault(
-                result.event_type,
-                1,
-                fault_class,
-                fetch_address=result.fetch_address,
-                record=context.record,
-                abort=context.abort,
-            )
-        leaf = result
-        size, input_base, output_base, ipa_base = (
-            leaf.size,
-            leaf.input_base,
-            leaf.output_base,
-            leaf.output_base,
-        )
-        s2_readable = s2_writable = s2_executable = True
-        sources: tuple[int, ...] = (*s2_sources, *leaf.path)
-        if stream.s2:
-            ipa = leaf.output_base + (reduced - leaf.input_base)
-            s2_leaf = self._s2_leaf(stream, ipa)
-            if isinstance(s2_leaf, WalkFault):
-                return _Fault(
-                    s2_leaf.event_type,
+                    walked.event_type,
                     2,
                     FaultClass.IN,
                     ipa=ipa,
-                    fetch_address=s2_leaf.fetch_address,
+                    fetch_address=walked.fetch_address,
                     record=stream.s2_record,
                 )
-            # The combined entry covers the smaller of the two leaves.
-            size = min(leaf.size, s2_leaf.size)
-            input_base = reduced & ~(size - 1)
-            ipa_base = ipa & ~(size - 1)
-            output_base = s2_leaf.output_base + (ipa_base - s2_leaf.input_base)
-            s2_readable, s2_writable, s2_executable = s2_leaf.readable, s2_leaf.writable, s2_leaf.executable
-            sources = (*sources, *s2_leaf.path)
+            s2 = walked
+        # The combined entry covers the smaller of the two leaves.
+        size = s1_size if s1_size < s2.size else s2.size
+        ipa_base = ipa & -size
         entry = TlbEntry(
-            kind=kind,
-            world=stream.world,
-            vmid=stream.vmid,
-            asid=None if leaf.global_entry else context.asid,
-            input_base=region_base + input_base,
-            size=size,
-            output_base=output_base,
-            readable=leaf.readable,
-            writable=leaf.writable,
-            unpriv=leaf.unpriv,
-            executable=leaf.executable,
-            priv_executable=leaf.priv_executable,
-            attr=leaf.attr,
-            level=leaf.level,
-            sources=sources,
-            ipa_base=ipa_base,
-            s2_readable=s2_readable,
-            s2_writable=s2_writable,
-            s2_executable=s2_executable,
-            leaf_size=leaf.size if leaf.size > size else 0,
-        )
+            _NESTED, world, vmid, None if glob else context.asid, region_base + (reduced & -size), size,
+            s2.output_base + (ipa_base - s2.input_base), read, write, unpriv, x, px, attr, level,
+            (*s2_sources, *path, *s2.sources), ipa_base, s2.readable, s2.writable, s2.executable,
+            s1_size if s1_size > size else 0,
+        )  # fmt: skip
         self.smmu.tlb.insert(entry)
         return entry
 
     # -- stage 2 -------------------------------------------------------------------------------
-    def _s2_leaf(self, stream: StreamConfig, ipa: int) -> WalkLeaf | WalkFault:
-        """Stage-2 translation of ``ipa``, through the TLB's stage-2 entries."""
-        assert stream.s2_walk is not None
-        tlb = self.smmu.tlb
-        entry = tlb.lookup(TranslationKind.S2, stream.world, stream.vmid, None, ipa)
-        if entry is not None:
-            return _walk_leaf(  # the walker's fast constructor: same object as WalkLeaf(...)
-                entry.input_base,
-                entry.output_base,
-                entry.level,
-                entry.size,
-                0,
-                0,
-                entry.sources,
-                entry.readable,
-                entry.writable,
-                True,
-                entry.executable,
-                entry.executable,
-                True,
-                entry.attr,
-            )
-        result = walk(stream.s2_walk, ipa, self._descriptor_reader(stream.sid), None)
-        if isinstance(result, WalkLeaf):
-            tlb.insert(
-                TlbEntry(
-                    kind=TranslationKind.S2,
-                    world=stream.world,
-                    vmid=stream.vmid,
-                    asid=None,
-                    input_base=result.input_base,
-                    size=result.size,
-                    output_base=result.output_base,
-                    readable=result.readable,
-                    writable=result.writable,
-                    unpriv=True,
-                    executable=result.executable,
-                    priv_executable=result.executable,
-                    attr=result.attr,
-                    level=result.level,
-                    sources=result.path,
-                    ipa_base=result.input_base,
-                )
-            )
-        return result
+    def _s2_walk(self, stream: StreamConfig, ipa: int) -> TlbEntry | WalkFault:
+        """Walk stage 2 for ``ipa`` (after a stage-2 TLB miss) and cache the leaf."""
+        s2_walk = stream.s2_walk
+        assert s2_walk is not None
+        sid = stream.sid
+        reader = self._readers.get(sid) or self._descriptor_reader(sid)
+        result = walk_raw(s2_walk, ipa, reader, None)
+        if isinstance(result, WalkFault):
+            return result
+        input_base, output_base, level, size, _, _, path, readable, writable, _, x, _, _, attr = result
+        entry = TlbEntry(
+            _S2, stream.world, stream.vmid, None, input_base, size, output_base, readable, writable,
+            True, x, x, attr, level, path, input_base,
+        )  # fmt: skip
+        self.smmu.tlb.insert(entry)
+        return entry
+
+    def _s2_entry(self, stream: StreamConfig, ipa: int) -> TlbEntry | WalkFault:
+        """The stage-2 entry translating ``ipa``: a TLB hit, or a walk that fills the TLB."""
+        entry = self.smmu.tlb.lookup_s2(stream.world, stream.vmid, ipa)
+        return entry if entry is not None else self._s2_walk(stream, ipa)
 
     def _stage2_only(
         self, txn: Transaction, stream: StreamConfig, privileged: bool, instruction: bool
@@ -438,38 +518,45 @@ class Translator:
         if ipa >> self.smmu.features.ias_bits:
             # Stage 1 bypassed: an input beyond IAS is a stage-1 address size fault.
             return self._report(txn, _Fault(EventType.F_ADDR_SIZE))
-        leaf = self._s2_leaf(stream, ipa)
-        if isinstance(leaf, WalkFault):
-            return self._report(
-                txn,
-                _Fault(
-                    leaf.event_type,
-                    2,
-                    FaultClass.IN,
-                    ipa=ipa,
-                    fetch_address=leaf.fetch_address,
-                    record=stream.s2_record,
-                ),
-            )
-        if not check_permission(leaf, 2, txn.is_write, privileged, instruction):
+        entry = self.smmu.tlb.lookup_s2(stream.world, stream.vmid, ipa)
+        if self._trace.enabled:
+            self._trace_tlb(txn, entry is not None)
+        if entry is None:
+            walked = self._s2_walk(stream, ipa)
+            if isinstance(walked, WalkFault):
+                return self._report(
+                    txn,
+                    _Fault(
+                        walked.event_type,
+                        2,
+                        FaultClass.IN,
+                        ipa=ipa,
+                        fetch_address=walked.fetch_address,
+                        record=stream.s2_record,
+                    ),
+                )
+            entry = walked
+        self._used_entry = entry
+        # walk.check_permission at stage 2: writes need S2AP W, fetches XN clear, reads S2AP R.
+        permitted = entry.writable if txn.is_write else entry.executable if instruction else entry.readable
+        if not permitted:
             return self._report(txn, _Fault(EventType.F_PERMISSION, 2, ipa=ipa, record=stream.s2_record))
-        offset = leaf.output_base - leaf.input_base
-        if not instruction and not txn.ats_translated:
-            entry = self.smmu.tlb.lookup(TranslationKind.S2, stream.world, stream.vmid, None, ipa)
-            if entry is not None:
-                self._micro_tlb[(txn.stream_id, txn.substream_id, ipa >> _PAGE_SHIFT)] = (entry, offset)
-        return TranslationResult(Outcome.OK, ipa + offset)
+        if not instruction and not txn.ats_translated and self._observer is None:
+            micro = self._micro_tlb
+            if len(micro) >= _MICRO_TLB_MAX:
+                micro.clear()
+            micro[(txn.stream_id, txn.substream_id, ipa >> _PAGE_SHIFT)] = entry
+        return TranslationResult(_OK, ipa + entry.output_base - entry.input_base)
 
     def _cd_fetch_through_s2(self, stream: StreamConfig) -> IpaTranslator:
         def fetch(ipa: int) -> int | WalkFault:
-            leaf = self._s2_leaf(stream, ipa)
-            if isinstance(leaf, WalkFault):
-                return WalkFault(
-                    leaf.event_type, 2, leaf.level, FaultClass.CD, ipa=ipa, fetch_address=leaf.fetch_address
-                )
-            if not leaf.readable:
-                return WalkFault(EventType.F_PERMISSION, 2, leaf.level, FaultClass.CD, ipa=ipa)
-            return leaf.output_base + (ipa - leaf.input_base)
+            entry = self._s2_entry(stream, ipa)
+            if isinstance(entry, WalkFault):
+                fault = entry
+                return WalkFault(fault.event_type, 2, fault.level, FaultClass.CD, ipa, fault.fetch_address)
+            if not entry.readable:
+                return WalkFault(EventType.F_PERMISSION, 2, entry.level, FaultClass.CD, ipa=ipa)
+            return entry.output_base + (ipa - entry.input_base)
 
         return fetch
 
@@ -480,18 +567,31 @@ class Translator:
         initiator = Initiator(InitiatorKind.SMMU, self.smmu.name, stream_id=sid, purpose="walk")
         bus = self.smmu.bus
         read = bus.read
-        read_int = bus.ram.read_int
+        page_if_backed = bus.ram.page_if_backed
         # RAM known now, as [first, last] descriptor addresses; anything else takes the full path.
         ram = tuple((r.base, r.end - 8) for r in bus.ram_regions())
 
-        def read_desc(pa: int) -> int | ExternalAbort:
-            # Hot path (DESIGN rule 9): with nobody observing the bus, a RAM read is exactly what
-            # SystemBus.read would return; with observers every read goes through the bus (rule 4).
-            if not bus.observers:
-                for first, last in ram:
-                    if first <= pa <= last:
-                        return read_int(pa, 8)
-            return read(initiator, pa, 8)
+        # Hot path (DESIGN rule 9): with nobody observing the bus, a RAM read is exactly what
+        # SystemBus.read would return; with observers every read goes through the bus (rule 4).
+        # Walks only read 8-byte aligned descriptors, which never cross a page.
+        if len(ram) == 1:
+            ((first, last),) = ram
+
+            def read_desc(pa: int) -> int | ExternalAbort:
+                if first <= pa <= last and not bus.observers:
+                    page = page_if_backed(pa >> PAGE_SHIFT)
+                    return 0 if page is None else _read_u64(page, pa & PAGE_MASK)[0]
+                return read(initiator, pa, 8)
+
+        else:
+
+            def read_desc(pa: int) -> int | ExternalAbort:
+                if not bus.observers:
+                    for first, last in ram:
+                        if first <= pa <= last:
+                            page = page_if_backed(pa >> PAGE_SHIFT)
+                            return 0 if page is None else _read_u64(page, pa & PAGE_MASK)[0]
+                return read(initiator, pa, 8)
 
         self._readers[sid] = read_desc
         return read_desc
@@ -614,25 +714,6 @@ class Translator:
             cache.lookup_context(stream, index, self._cd_fetch_through_s2(stream) if stream.s2 else None)
 
 
-def _failing_stage(entry: TlbEntry, is_write: bool, privileged: bool, instruction: bool) -> int:
-    """0 when the access is permitted, else the stage (1 or 2) whose permission check fails.
-
-    The same rules as ``walk.check_permission``, applied to a cached (possibly combined) entry.
-    """
-    if is_write:
-        stage1 = entry.writable and (privileged or entry.unpriv)
-        stage2 = entry.s2_writable
-    elif instruction:
-        stage1 = entry.priv_executable if privileged else entry.executable
-        stage2 = entry.s2_executable
-    else:
-        stage1 = entry.readable and (privileged or entry.unpriv)
-        stage2 = entry.s2_readable
-    if not stage1:
-        return 1
-    return 0 if stage2 else 2
-
-
 def _effective_attributes(txn: Transaction, stream: StreamConfig) -> tuple[bool, bool]:
     """PRIVCFG / INSTCFG overrides of the incoming PnU / InD (writes are always data)."""
     privileged = txn.privileged if stream.privcfg < 2 else stream.privcfg == 3
@@ -646,6 +727,8 @@ def _s2_is_device(memattr: int) -> bool:
 
 def _split_at_pages(txn: Transaction) -> list[Transaction]:
     """Split a DMA into transactions that do not cross a 4 KiB boundary (as PCIe requires)."""
+    if 0 < txn.size <= _PAGE_SIZE - (txn.address & (_PAGE_SIZE - 1)):
+        return [txn]  # the usual case: nothing to split
     parts = []
     address, remaining = txn.address, max(txn.size, 0)
     while remaining > 0:
@@ -654,3 +737,24 @@ def _split_at_pages(txn: Transaction) -> list[Transaction]:
         address += chunk
         remaining -= chunk
     return parts
+
+
+def _stage1_walk_fault(fault: WalkFault, stream: StreamConfig, context: ContextConfig) -> _Fault:
+    if fault.stage == 2:  # a stage-1 descriptor's IPA failed stage 2 (CLASS=TT)
+        return _Fault(
+            fault.event_type,
+            2,
+            FaultClass.TT,
+            ipa=fault.ipa,
+            fetch_address=fault.fetch_address,
+            record=stream.s2_record,
+        )
+    fault_class = FaultClass.TT if fault.event_type == EventType.F_WALK_EABT else FaultClass.IN
+    return _Fault(
+        fault.event_type,
+        1,
+        fault_class,
+        fetch_address=fault.fetch_address,
+        record=context.record,
+        abort=context.abort,
+    )
