@@ -185,7 +185,7 @@ def test_bad_input_is_refused_before_any_file_is_written(tmp_path: Path) -> None
         run(RunOptions(platform=str(bad), trace_jsonl=str(out)))
     assert "bad.dts" in str(error.value)
     assert not out.exists() and list(tmp_path.iterdir()) == [bad]
-    assert sorted(DESIGNS) == ["native"] and design("native") is run_native
+    assert "native" in DESIGNS and design("native") is run_native
     with pytest.raises(KeyError, match="native"):
         design("pv-magic")
 

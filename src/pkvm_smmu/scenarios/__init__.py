@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 # RunOptions live in scenarios.boot, RunReport in scenarios.report.
 DESIGNS: dict[str, str] = {
     "native": "pkvm_smmu.scenarios.native:run_native",
+    "pv-identity": "pkvm_smmu.scenarios.pv:run_pv_identity",
+    "pv-paging": "pkvm_smmu.scenarios.pv:run_pv_paging",
 }
 DEFAULT_DESIGN = "native"
 

@@ -20,7 +20,7 @@ import errno
 from typing import TYPE_CHECKING, Any
 
 from pkvm_smmu.arch.commands import Opcode, build_command, decode_command
-from pkvm_smmu.arch.events import EVENT_SIZE, decode_event
+from pkvm_smmu.arch.events import EVENT_SIZE, EventType, decode_event
 from pkvm_smmu.arch.queues import q_empty, q_inc, q_slot
 from pkvm_smmu.arch.registers import (
     CR0,
@@ -306,9 +306,11 @@ class PvSmmuV3(HypSmmuV3):
             if data is None:
                 break
             etype, fields = decode_event(int.from_bytes(data, "little"))
-            name = etype.name if hasattr(etype, "name") else f"{int(etype):#x}"
+            name = etype.name if isinstance(etype, EventType) else f"UNKNOWN({etype:#x})"
             self.events += 1
-            self.emit("evtq.event", event=name, **fields)
+            self.emit(
+                "evtq.event", event=name, id=int(etype), **{k.lower(): int(v) for k, v in fields.items()}
+            )
             self.evtq_cons = q_inc(self.evtq_cons, 1, log2)
             handled = True
         overflow = EVENTQ_PROD.OVFLG.get(prod)
