@@ -78,6 +78,8 @@ class ArmSmmuEnv:
     msi_irq: Callable[[PlatformDevice, str], int | None] | None = None
     disable_bypass: bool = True
     disable_msipolling: bool = False
+    # KVM hooks (``kvm.ArmSmmuKvmImpl``, in the style of ``arm_smmu_impl_ops``); None: native.
+    impl: Any = None
 
 
 class ArmSmmuV3Driver:
@@ -145,17 +147,20 @@ class ArmSmmuV3Driver:
             irqs=tuple(irqs),
             msi_alloc=env.msi_alloc(pdev) if env.msi_alloc is not None else None,
         )
-        ret = smmu.probe()
+        impl = env.impl
+        ret = impl.device_probe(pdev, smmu) if impl is not None else smmu.probe()
         if ret:
             return ret
-        self._request_irqs(pdev, smmu, irqs)
-        ops = ArmSmmuIommuOps(smmu)
+        if impl is None:  # under pKVM the hyp owns the SMMU and its interrupts
+            self._request_irqs(pdev, smmu, irqs)
+        ops = impl.iommu_ops(smmu) if impl is not None else ArmSmmuIommuOps(smmu)
         pdev.driver_data = smmu
         self.smmus[id(pdev)] = smmu
         ret = env.iommu.iommu_device_register(smmu, ops, pdev.fwnode, f"smmu3.{res.start:#x}")
         if ret:
             smmu.dev_err("Failed to register iommu", error=ret)
-            smmu.device_disable()
+            if impl is None:
+                smmu.device_disable()
             del self.smmus[id(pdev)]
             pdev.driver_data = None
             return ret
@@ -186,12 +191,13 @@ class ArmSmmuV3Driver:
         if smmu is None:
             return
         self.env.iommu.iommu_device_unregister(smmu)
-        smmu.device_disable()
+        if self.env.impl is None:
+            smmu.device_disable()
         pdev.driver_data = None
 
     def shutdown(self, pdev: PlatformDevice) -> None:
         smmu = self.smmus.get(id(pdev))
-        if smmu is not None:
+        if smmu is not None and self.env.impl is None:
             smmu.device_disable()
 
     def _emit(self, pdev: PlatformDevice, kind: str, **fields: Any) -> None:

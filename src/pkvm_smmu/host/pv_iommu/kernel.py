@@ -84,7 +84,7 @@ class PvHostKernel(HostKernel):
 
             impl = ArmSmmuKvmImpl(k, self.pkvm, self.hvc)
             self.kvm_impl = impl
-            self.smmu_driver.env.impl = impl  # type: ignore[attr-defined]
+            self.smmu_driver.env.impl = impl
             smmus = [(f"smmu.{d.base:#x}", d.base, d.size, d.dma_coherent) for d in self._smmu_descs.values()]
             init = lambda: impl.kvm_arm_smmu_v3_init(smmus)  # noqa: E731
             k.register_initcall(InitcallLevel.CORE, init, "kvm_arm_smmu_v3_init")
