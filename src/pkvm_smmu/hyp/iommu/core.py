@@ -120,6 +120,14 @@ class KvmIommu:
         self.mem_protect.add_host_ownership_listener(self)
         return ret
 
+    def pool_extent(self) -> tuple[tuple[int, int, str], ...]:
+        """The IOMMU pool as ``(pa, size, what)``: every page of the identity stage-2 and of the
+        driver's pool-backed shadow tables lies in it (what the SMMU may read for the hyp)."""
+        pool = self.pkvm.iommu_pool
+        if pool is None or not pool.nr_pages:
+            return ()
+        return ((pool.base_pfn << PAGE_SHIFT, pool.nr_pages << PAGE_SHIFT, "IOMMU pool"),)
+
     # -- HostOwnershipListener --------------------------------------------------------------------
     def host_access_changed(self, pfn: int, nr_pages: int, prot: Prot, is_mmio: bool) -> None:
         """``kvm_iommu_host_stage2_idmap``; ignored until the snapshot is in place."""

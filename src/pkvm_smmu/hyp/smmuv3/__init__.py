@@ -2,7 +2,7 @@
 shadow stream table with nesting, GBPA emulation; the emulation rules are a policy object."""
 
 from pkvm_smmu.hyp.smmuv3.cmdq import ARM_SMMU_POLL_TIMEOUT_US, HypCmdq, tlbi_s2_ipa_commands
-from pkvm_smmu.hyp.smmuv3.device import HypSmmuV3, SmmuDescription
+from pkvm_smmu.hyp.smmuv3.device import HypSmmuV3, SmmuDescription, SmmuStructures
 from pkvm_smmu.hyp.smmuv3.driver import SmmuV3HypDriver
 from pkvm_smmu.hyp.smmuv3.policy import (
     POLICIES,
@@ -30,6 +30,7 @@ __all__ = [
     "ShadowHow",
     "SmmuContext",
     "SmmuDescription",
+    "SmmuStructures",
     "SmmuV3HypDriver",
     "V4Policy",
     "make_policy",

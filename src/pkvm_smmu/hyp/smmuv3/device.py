@@ -97,6 +97,16 @@ class SmmuDescription:
     strtab_size: int = SMMU_KVM_STRTAB_SIZE
 
 
+@dataclass(frozen=True)
+class SmmuStructures:
+    """Memory the SMMU accesses for the hyp's own purposes, as ``(pa, size, what)`` ranges:
+    ``reads`` (shadow stream table and its L2 tables, shadow command queue, identity stage-2
+    tables) and ``writes`` (none in v4: no queue of the hyp's is written by the SMMU)."""
+
+    reads: tuple[tuple[int, int, str], ...] = ()
+    writes: tuple[tuple[int, int, str], ...] = ()
+
+
 class HypSpinLock:
     """``hyp_spinlock_t``. The model is single-threaded; taking a lock the hyp already holds is a
     deadlock in pKVM and a ``RuntimeError`` here."""
@@ -434,6 +444,21 @@ class HypSmmuV3:
                 return ret
         return self.cmdq.sync()
 
+    # -- what the hyp declares to an isolation checker ---------------------------------------------
+    def smmu_structures(self) -> SmmuStructures:
+        """The hyp's own structures this SMMU reads (nothing before the take-over completed)."""
+        if not self.taken_over:
+            return SmmuStructures()
+        reads: list[tuple[int, int, str]] = []
+        if self.strtab_base:
+            size = self.num_l1_ents * 8 if self.two_level else self.num_ents * STE_SIZE
+            reads.append((self.strtab_base, size, "shadow stream table"))
+        if self.cmdq is not None:
+            reads.append((self.cmdq.base, CMD_SIZE << self.cmdq.log2size, "shadow command queue"))
+        # Shadow L2 stream tables and identity stage-2 tables come from the IOMMU pool.
+        reads.extend(self.iommu.pool_extent())
+        return SmmuStructures(tuple(reads))
+
     # -- what the identity stage-2 needs ----------------------------------------------------------------
     def caps(self) -> IommuCaps:
         return IommuCaps(self.name, self.ias, self.oas, self.pgsize_bitmap, self.coherent)
@@ -758,4 +783,5 @@ __all__ = [
     "HypSpinLock",
     "SharedRange",
     "SmmuDescription",
+    "SmmuStructures",
 ]

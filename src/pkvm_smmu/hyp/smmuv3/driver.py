@@ -76,6 +76,10 @@ class SmmuV3HypDriver:
                 return smmu.handle_dabt(address - smmu.base, size, is_write, value)
         return None
 
+    def smmu_at(self, mmio_base: int) -> HypSmmuV3 | None:
+        """The SMMU taken over at ``mmio_base``, if any."""
+        return next((smmu for smmu in self.smmus if smmu.base == mmio_base), None)
+
     def smmu(self, name: str) -> HypSmmuV3:
         for smmu in self.smmus:
             if smmu.name == name:

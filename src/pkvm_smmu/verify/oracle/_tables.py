@@ -1,0 +1,318 @@
+"""Everything a translation table tree in memory maps, as runs, one memo value per table.
+
+The walker in ``machine/smmu/walk.py`` answers "what does this address translate to"; the oracle
+needs "what can any address translate to", so this enumerates the tree with the same descriptor
+rules (valid/table/block/page by level, reserved encodings, AF unless AFFD, output and table
+addresses beyond the output size, stage-1 APTable[1] and stage-2 S2AP/XN permissions, 52-bit OA
+with the 64 KiB granule). A leaf table written in bulk is recognised as one linear run by
+comparing it with the run it would be, so a gigabyte identity map costs a few thousand compares.
+
+A nested stage 1's table addresses are IPAs: each table is read through the stream's stage-2
+mapping (where stage 2 grants read), and the node depends on that mapping. Table memory that is
+MMIO holds whatever the device returns, so a tree that reads one may map anything
+(``device_defined``).
+"""
+
+from __future__ import annotations
+
+import bisect
+from array import array
+from functools import lru_cache
+from sys import byteorder
+
+from pkvm_smmu.arch.vmsa import S1_LEAF, S2_LEAF, TABLE_DESC
+from pkvm_smmu.machine.smmu.types import WalkConfig
+from pkvm_smmu.verify.oracle._memo import DependencyMemo
+from pkvm_smmu.verify.oracle._memory import Backing, MemoryView
+from pkvm_smmu.verify.oracle._runs import EVERYTHING, READ, READ_WRITE, WRITE, Runs
+
+_VALID = TABLE_DESC.VALID.in_place_mask
+_TYPE = TABLE_DESC.TYPE.in_place_mask
+_OA_END = 1 << (TABLE_DESC.NLTA.hi + 1)
+_OA_HI = S1_LEAF.OA_HI.in_place_mask
+_OA_HI_SHIFT = 48 - S1_LEAF.OA_HI.lo
+_AF = S1_LEAF.AF.in_place_mask
+_AP_RO = 1 << S1_LEAF.AP.hi
+_APTABLE_RO = 1 << TABLE_DESC.APTABLE.hi
+_S2AP_R = 1 << S2_LEAF.S2AP.lo
+_S2AP_W = 1 << S2_LEAF.S2AP.hi
+_S2_XN = 1 << S2_LEAF.XN.hi
+_SWAP = byteorder != "little"
+_PER_ENTRY_BELOW = 8  # segments this short are decoded entry by entry
+
+MapRun = tuple[int, int, int, int]  # input, output, size, perms
+
+
+@lru_cache(maxsize=64)
+def _lanes(n: int) -> tuple[int, int]:
+    ones = ((1 << (64 * n)) - 1) // ((1 << 64) - 1)
+    ramp = int.from_bytes(b"".join(k.to_bytes(8, "little") for k in range(n)), "little")
+    return ones, ramp
+
+
+def _linear(first: int, step: int, n: int) -> bytes:
+    """``n`` little-endian descriptors ``first + k * step`` (no lane carries into the next)."""
+    ones, ramp = _lanes(n)
+    return (first * ones + step * ramp).to_bytes(8 * n, "little")
+
+
+def _any_valid(raw: bytes) -> bool:
+    n = len(raw) >> 3
+    return bool(int.from_bytes(raw[0::8], "little") & ((1 << (8 * n)) // 255))
+
+
+class Tree:
+    """What a table tree (or one table of it) maps: ``runs`` as (input, output, size, perms)
+    sorted by input with linear pieces merged; ``reads``, the PA ranges of table memory read;
+    ``device_defined``, PAs of table memory that is MMIO (any output is then possible)."""
+
+    __slots__ = ("_outputs", "_starts", "device_defined", "reads", "runs")
+
+    def __init__(
+        self, runs: tuple[MapRun, ...], reads: tuple[tuple[int, int], ...], device_defined: tuple[int, ...]
+    ) -> None:
+        self.runs = runs
+        self.reads = reads
+        self.device_defined = device_defined
+        self._starts: list[int] | None = None
+        self._outputs: Runs | None = None
+
+    def outputs(self) -> Runs:
+        if self._outputs is None:
+            if self.device_defined:
+                self._outputs = EVERYTHING
+            else:
+                self._outputs = Runs.of((out, out + size, perms) for _, out, size, perms in self.runs)
+        return self._outputs
+
+    def pieces(self, start: int, end: int) -> list[MapRun]:
+        """The mapped parts of inputs ``[start, end)``: (input, output, length, perms)."""
+        if self._starts is None:
+            self._starts = [run[0] for run in self.runs]
+        runs = self.runs
+        i = max(0, bisect.bisect_right(self._starts, start) - 1)
+        out = []
+        while i < len(runs):
+            r_in, r_out, r_size, perms = runs[i]
+            if r_in >= end:
+                break
+            r_end = r_in + r_size
+            if r_end > start:
+                lo = max(start, r_in)
+                out.append((lo, r_out + (lo - r_in), min(end, r_end) - lo, perms))
+            i += 1
+        return out
+
+    def translate(self, address: int) -> tuple[int, int] | None:
+        """(output, perms) of one input address, or None when it is not mapped."""
+        pieces = self.pieces(address, address + 1)
+        return (pieces[0][1], pieces[0][3]) if pieces else None
+
+
+def compose(stage1: Tree, stage2: Tree) -> Runs:
+    """Physical memory reachable through stage 1 then stage 2 (both stages must permit)."""
+    if stage2.device_defined:
+        return EVERYTHING
+    if stage1.device_defined:
+        return stage2.outputs()  # stage 1 may output any IPA
+    parts = []
+    for _, ipa, size, perms1 in stage1.runs:
+        for _, pa, length, perms2 in stage2.pieces(ipa, ipa + size):
+            perms = perms1 & perms2
+            if perms:
+                parts.append((pa, pa + length, perms))
+    return Runs.of(parts)
+
+
+def _append_run(runs: list[MapRun], run: MapRun) -> None:
+    if runs:
+        last_in, last_out, last_size, last_perms = runs[-1]
+        if last_perms == run[3] and last_in + last_size == run[0] and last_out + last_size == run[1]:
+            runs[-1] = (last_in, last_out, last_size + run[2], last_perms)
+            return
+    runs.append(run)
+
+
+def _append_range(ranges: list[tuple[int, int]], start: int, end: int) -> None:
+    if ranges and ranges[-1][1] == start:
+        ranges[-1] = (ranges[-1][0], end)
+    else:
+        ranges.append((start, end))
+
+
+class TreeWalker:
+    """Memoised enumeration of table trees in memory."""
+
+    def __init__(self, memory: MemoryView, memo: DependencyMemo) -> None:
+        self.memory = memory
+        self.memo = memo
+
+    def tree(self, cfg: WalkConfig, stage2: WalkConfig | None = None) -> Tree:
+        """Everything ``cfg``'s tables map; with ``stage2``, table addresses are IPAs."""
+        gshift = cfg.granule.shift
+        stride = gshift - 3
+        level = cfg.start_level
+        shift = gshift + (3 - level) * stride
+        entries = cfg.concatenated << stride
+        if cfg.input_bits - shift < stride:
+            entries = 1 << (cfg.input_bits - shift) if cfg.input_bits > shift else 1
+        oa52 = gshift == 16 and cfg.output_bits > 48
+        table = cfg.ttb & -(entries << 3 if not oa52 or entries >= 8 else 64)
+        reachable = 1 << (cfg.input_bits - shift) if cfg.input_bits > shift else 1
+        return self._node(cfg, stage2, table, level, 0, min(entries, reachable), False)
+
+    def _node(
+        self,
+        cfg: WalkConfig,
+        stage2: WalkConfig | None,
+        table: int,
+        level: int,
+        base: int,
+        entries: int,
+        read_only: bool,
+    ) -> Tree:
+        key = ("table", cfg, stage2, table, level, base, entries, read_only)
+        return self.memo.get(key, lambda: self._scan(cfg, stage2, table, level, base, entries, read_only))
+
+    def _scan(
+        self,
+        cfg: WalkConfig,
+        stage2: WalkConfig | None,
+        table: int,
+        level: int,
+        base: int,
+        entries: int,
+        read_only: bool,
+    ) -> Tree:
+        length = entries << 3
+        runs: list[MapRun] = []
+        reads: list[tuple[int, int]] = []
+        device: list[int] = []
+        if stage2 is None:
+            chunks = [(0, table, length)]
+        else:
+            s2 = self.tree(stage2)  # this table depends on the stage-2 mapping of its IPAs
+            if s2.device_defined:
+                return Tree((), (), s2.device_defined)
+            chunks = [
+                (ipa - table, pa, n) for ipa, pa, n, perms in s2.pieces(table, table + length) if perms & READ
+            ]
+        memory = self.memory
+        for offset, pa, n in chunks:
+            _append_range(reads, pa, pa + n)
+            backing = memory.backing(pa, n)
+            if backing is Backing.MMIO:
+                device.append(pa)
+            elif backing is Backing.RAM:
+                raw = memory.read(pa, n)
+                assert raw is not None
+                self._decode(raw, offset >> 3, cfg, stage2, level, base, read_only, runs, reads, device)
+        return Tree(tuple(runs), tuple(reads), tuple(device))
+
+    def _decode(
+        self,
+        raw: bytes,
+        first_index: int,
+        cfg: WalkConfig,
+        stage2: WalkConfig | None,
+        level: int,
+        base: int,
+        read_only: bool,
+        runs: list[MapRun],
+        reads: list[tuple[int, int]],
+        device: list[int],
+    ) -> None:
+        gshift = cfg.granule.shift
+        stride = gshift - 3
+        shift = gshift + (3 - level) * stride
+        size = 1 << shift
+        output_bits = cfg.output_bits
+        output_limit = 1 << output_bits
+        oa52 = gshift == 16 and output_bits > 48
+        first_block_level = 1 if gshift == 12 or oa52 else 2
+        leaf_type = _TYPE if level == 3 else 0
+        leaf_level = level == 3 or level >= first_block_level
+        out_mask = _OA_END - size
+        table_mask = _OA_END - (1 << gshift)
+        stage = cfg.stage
+        affd = cfg.affd
+        hierarchical = cfg.hierarchical_attrs
+
+        def leaf_perms(desc: int) -> int:
+            if not desc & _AF and not affd:
+                return 0
+            if stage == 2:
+                readable = desc & _S2AP_R or not desc & _S2_XN  # an instruction fetch reads too
+                return (READ if readable else 0) | (WRITE if desc & _S2AP_W else 0)
+            return READ if desc & _AP_RO or read_only else READ_WRITE
+
+        def output_of(desc: int) -> int:
+            out = desc & out_mask
+            if oa52:
+                out |= (desc & _OA_HI) << _OA_HI_SHIFT
+            return out
+
+        def one(index: int, desc: int) -> None:
+            if not desc & _VALID:
+                return
+            address = base + (index << shift)
+            if desc & _TYPE and level < 3:
+                next_table = desc & table_mask
+                if oa52:
+                    next_table |= (desc & _OA_HI) << _OA_HI_SHIFT
+                if next_table >> output_bits:
+                    return  # address size fault
+                child_ro = read_only or bool(hierarchical and desc & _APTABLE_RO)
+                child = self._node(cfg, stage2, next_table, level + 1, address, 1 << stride, child_ro)
+                for run in child.runs:
+                    _append_run(runs, run)
+                for start, end in child.reads:
+                    _append_range(reads, start, end)
+                device.extend(child.device_defined)
+                return
+            if not leaf_level or desc & _TYPE != leaf_type:
+                return  # reserved encoding: translation fault
+            out = output_of(desc)
+            if out >> output_bits:
+                return
+            perms = leaf_perms(desc)
+            if perms:
+                _append_run(runs, (address, out, size, perms))
+
+        todo = [(0, len(raw) >> 3)]
+        while todo:
+            lo, hi = todo.pop()
+            segment = raw[lo << 3 : hi << 3]
+            if not _any_valid(segment):
+                continue
+            n = hi - lo
+            head = int.from_bytes(segment[:8], "little")
+            if (
+                n > 1
+                and leaf_level
+                and head & _VALID
+                and head & _TYPE == leaf_type
+                and (head & out_mask) + n * size <= _OA_END
+                and output_of(head) + n * size <= output_limit
+                and segment == _linear(head, size, n)
+            ):
+                perms = leaf_perms(head)
+                if perms:
+                    _append_run(
+                        runs, (base + ((first_index + lo) << shift), output_of(head), n * size, perms)
+                    )
+                continue
+            if n <= _PER_ENTRY_BELOW:
+                values = array("Q")
+                values.frombytes(segment)
+                if _SWAP:
+                    values.byteswap()
+                for k, desc in enumerate(values):
+                    one(first_index + lo + k, desc)
+                continue
+            mid = (lo + hi) >> 1
+            todo.append((mid, hi))  # popped last: keeps the runs in input order
+            todo.append((lo, mid))
+
+
+__all__ = ["MapRun", "Tree", "TreeWalker", "compose"]
