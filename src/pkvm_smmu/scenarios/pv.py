@@ -20,6 +20,7 @@ from typing import Any
 from pkvm_smmu.devicetree import DeviceTreeError
 from pkvm_smmu.host.kernel import KernelParams
 from pkvm_smmu.host.pv_iommu import PvHostKernel
+from pkvm_smmu.host.pv_iommu.pkvm_smmu import Spawn
 from pkvm_smmu.hyp.pkvm import Pkvm
 from pkvm_smmu.hyp.pv import PV_DESIGNS, PvIommu
 from pkvm_smmu.machine.clock import Clock
@@ -125,8 +126,9 @@ class PvSystem:
     boot_ns: int
 
 
-def boot_pv(options: RunOptions, *, sinks: Sequence[Sink] = ()) -> PvSystem:
-    """Build the machine, pKVM with the design's hyp IOMMU, and the host kernel; boot."""
+def boot_pv(options: RunOptions, *, sinks: Sequence[Sink] = (), spawn: Spawn = "auxiliary") -> PvSystem:
+    """Build the machine, pKVM with the design's hyp IOMMU, and the host kernel; boot. ``spawn``:
+    the bus of the devices the pKVM SMMU driver creates for the PV IOMMU driver (three-drivers)."""
     variant = boot_variant_for(options)
     options = replace(options, boot_variant=variant)
     tree = load_platform_tree(options.platform)
@@ -159,6 +161,7 @@ def boot_pv(options: RunOptions, *, sinks: Sequence[Sink] = ()) -> PvSystem:
         pkvm=PkvmServices(pkvm, pv),
         hvc=pkvm,
         arrangement="impl-hooks" if variant == "impl-hooks" else "three-drivers",
+        spawn=spawn,
         trace=trace,
         now_ns=lambda: clock.now_ns,
     )
