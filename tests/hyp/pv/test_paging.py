@@ -333,3 +333,12 @@ def test_iova_to_phys_arguments(s1: PvRig, args: tuple[int, ...], expected: int)
 )
 def test_topup_pool_arguments(r: PvRig, args: tuple[int, ...], expected: int) -> None:
     assert r.hvc(HVC_TOPUP_POOL, *args) == expected
+
+
+def test_the_smmu_declares_its_event_queue_and_the_domain_tables(s1: PvRig) -> None:
+    declared = s1.pv.driver.smmu_at(s1.smmu.base)
+    assert declared is s1.hyp
+    structures = s1.hyp.smmu_structures()
+    assert [what for _, _, what in structures.writes] == ["hyp event queue"]
+    assert (TOPUP, 64 * PAGE, "IOMMU host pool") in structures.reads
+    assert s1.pv.driver.smmu_at(0) is None

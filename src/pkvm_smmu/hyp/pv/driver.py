@@ -42,6 +42,7 @@ class PvSmmuDriver:
         self.descriptions: list[SmmuDescription] = []
         self.smmus: list[PvSmmuV3] = []
         self.iommu: KvmIommu | None = None
+        self.extra_reads: Callable[[], tuple[tuple[int, int, str], ...]] = tuple
 
     def pool_pages(self, iommu: KvmIommu) -> int:
         """Asked at carveout time, before the host described its SMMUs: the identity stage-2, L2
@@ -54,6 +55,7 @@ class PvSmmuDriver:
         smmus: list[PvSmmuV3] = []
         for index, desc in enumerate(self.descriptions):
             smmu = PvSmmuV3(desc, iommu, index)
+            smmu.extra_reads = self.extra_reads
             ret = smmu.init_device()
             if ret:
                 for taken in reversed(smmus):
@@ -73,6 +75,10 @@ class PvSmmuDriver:
     def handle_host_dabt(self, address: int, size: int, is_write: bool, value: int) -> int | None:
         """Declined: a host access to an SMMU page stays a stage-2 fault."""
         return None
+
+    def smmu_at(self, base: int) -> PvSmmuV3 | None:
+        """The taken-over SMMU whose registers are at ``base`` (for the isolation oracle)."""
+        return next((smmu for smmu in self.smmus if smmu.base == base), None)
 
 
 class PvIommu:

@@ -184,6 +184,14 @@ class PvPagingIommu(PvIommu):
         self.host_pool = TopUpPool(self.pkvm.bus.ram, self.trace)
         self.domains: dict[int, PvDomain] = {}
         self._attached: dict[tuple[int, int], int] = {}  # (iommu, sid) -> domain id
+        self.driver.extra_reads = self.host_pool_extent
+
+    def host_pool_extent(self) -> tuple[tuple[int, int, str], ...]:
+        """Where domain page tables and CDs may be: every page the host donated to the pool."""
+        return tuple(
+            (chunk.base_pfn << PAGE_SHIFT, chunk.nr_pages << PAGE_SHIFT, "IOMMU host pool")
+            for chunk in self.host_pool.chunks
+        )
 
     def hypercalls(self) -> list[Hypercall]:
         u64 = Arg.U64

@@ -17,6 +17,7 @@ when more than word 0 changes; every update ends with CFGI_STE + CMD_SYNC before
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pkvm_smmu.arch.commands import Opcode, build_command, decode_command
@@ -38,7 +39,7 @@ from pkvm_smmu.arch.registers import (
 from pkvm_smmu.arch.strtab import CD, L1STD, STE, STE_SIZE, Cacheability, S1Dss, SteConfig, Strw
 from pkvm_smmu.hyp.smmuv3.cmdq import tlbi_s2_ipa_commands, wait_for
 from pkvm_smmu.hyp.smmuv3.device import COMPONENT as SMMUV3_COMPONENT
-from pkvm_smmu.hyp.smmuv3.device import HypSmmuV3, SmmuDescription
+from pkvm_smmu.hyp.smmuv3.device import HypSmmuV3, SmmuDescription, SmmuStructures
 from pkvm_smmu.hyp.smmuv3.policy import LINUX_CR1, STRTAB_SPLIT, V4Policy
 from pkvm_smmu.machine.memory import PAGE_SIZE
 from pkvm_smmu.pgtable.config import PageTableConfig
@@ -114,6 +115,8 @@ class PvSmmuV3(HypSmmuV3):
         self.ste_syncs = 0
         self._l2: dict[int, int] = {}  # L1 index -> L2 table PA
         self._ovack = 0  # EVENTQ_CONS.OVACKFLG as last written
+        # More memory the SMMU reads for the hyp (pv-paging: the pool of domain tables and CDs).
+        self.extra_reads: Callable[[], tuple[tuple[int, int, str], ...]] = tuple
 
     def emit(self, kind: str, **fields: Any) -> None:
         if self.trace.enabled:
@@ -137,6 +140,15 @@ class PvSmmuV3(HypSmmuV3):
     def deinit_device(self) -> None:
         super().deinit_device()
         self._l2.clear()
+
+    def smmu_structures(self) -> SmmuStructures:
+        """What the trap-and-emulate SMMU declares, plus the hyp's event queue (written by the
+        SMMU) and whatever the design adds (domain tables)."""
+        base = super().smmu_structures()
+        if not self.taken_over or not self.evtq_base:
+            return base
+        writes = ((self.evtq_base, EVENT_SIZE << self.evtq_log2, "hyp event queue"),)
+        return SmmuStructures(base.reads + self.extra_reads(), base.writes + writes)
 
     def handle_dabt(self, offset: int, size: int, is_write: bool, value: int) -> int:
         """Never emulated: the host has no business with these registers (the driver declines
