@@ -104,6 +104,12 @@ def _check_output(path: str | None, option: str) -> None:
     help="How the hypervisor and host share the SMMU.",
 )
 @click.option(
+    "--boot-variant",
+    default="none",
+    metavar="NAME",
+    help="How the host's drivers meet pKVM's init (pv-identity: three-drivers or impl-hooks).",
+)
+@click.option(
     "--cmdline", default="", metavar="ARGS", help='Host kernel command line, e.g. "iommu.strict=0".'
 )
 def run(
@@ -113,6 +119,7 @@ def run(
     trace_jsonl: str | None,
     seed: int,
     design: str,
+    boot_variant: str,
     cmdline: str,
 ) -> None:
     """Boot a platform, run a DMA workload through the SMMU, and report.
@@ -136,6 +143,7 @@ def run(
         seed=seed,
         cmdline=cmdline,
         design=design,
+        boot_variant=boot_variant,
         trace_json=trace_json,
         trace_jsonl=trace_jsonl,
     )
@@ -147,6 +155,10 @@ def run(
         raise click.BadParameter(str(error), param_hint="'--cmdline'") from None
     except DeviceTreeError as error:
         raise click.BadParameter(str(error), param_hint="'--platform'") from None
+    except ValueError as error:
+        if getattr(error, "option", None) != "--boot-variant":
+            raise
+        raise click.BadParameter(str(error), param_hint="'--boot-variant'") from None
     from rich.console import Console
 
     console = Console()
@@ -168,6 +180,8 @@ def _print_report(console: Console, report: RunReport) -> None:
         f"platform={meta['platform']}  seed={meta['seed']}  cmdline={meta['cmdline']!r}",
         highlight=False,
     )
+    if "dma_api" in meta:
+        console.print(f"domain types: {', '.join(meta['domain_types']) or '-'}; DMA API: {meta['dma_api']}")
     colour = {"bound": "green", "defer": "yellow", "rejected": "dim", "failed": "red"}
 
     probes = Table(title="Boot and probe sequence", title_justify="left")

@@ -137,3 +137,16 @@ def test_unknown_boot_variant_is_refused() -> None:
         run(RunOptions(design="pv-paging", boot_variant="impl-hooks"))
     with pytest.raises(BootVariantError):
         run(RunOptions(design="pv-identity", boot_variant="defer"))
+
+
+def test_cli_runs_the_pv_designs_and_names_a_bad_variant() -> None:
+    from click.testing import CliRunner
+
+    from pkvm_smmu.cli import main
+
+    runner = CliRunner()
+    result = runner.invoke(main, ["run", "--design", "pv-identity", "--boot-variant", "impl-hooks"])
+    assert result.exit_code == 0, result.output
+    assert "boot-variant=impl-hooks" in result.output and "DMA API: identity" in result.output
+    result = runner.invoke(main, ["run", "--design", "pv-paging", "--boot-variant", "impl-hooks"])
+    assert result.exit_code == 2 and "--boot-variant" in result.output
