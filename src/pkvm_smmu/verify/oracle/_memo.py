@@ -39,7 +39,10 @@ class DependencyMemo:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: Hashable, compute: Callable[[], T], signature: object = _NO_SIGNATURE) -> T:
+    def get(
+        self, key: Hashable, compute: Callable[..., T], *args: Any, signature: object = _NO_SIGNATURE
+    ) -> T:
+        """The value for ``key``: remembered, or ``compute(*args)`` (recording what it reads)."""
         entry = self._entries.get(key)
         if entry is not None and entry.signature is not signature and entry.signature != signature:
             self._drop(key)
@@ -48,7 +51,7 @@ class DependencyMemo:
             entry = _Entry(key, signature)
             self._computing.append(entry)
             try:
-                entry.value = compute()
+                entry.value = compute(*args)
             finally:
                 self._computing.pop()
             self._entries[key] = entry

@@ -34,10 +34,11 @@ TlbTag = tuple[TranslationKind, int, int | None]
 @dataclass(frozen=True, eq=False, slots=True)
 class Entries:
     """Valid 64-byte entries (STEs or CDs) of a table: (index, value, PA); the PA ranges read;
-    whether any of it sat in MMIO (a bulk fetch from MMIO aborts, so that is reported only)."""
+    whether the stage-2 walk to the table reads MMIO (then the entries could be anything)."""
 
     found: tuple[tuple[int, int, int], ...]
     reads: tuple[tuple[int, int], ...]
+    device_defined: bool = False
 
 
 @dataclass(frozen=True, eq=False, slots=True)
@@ -117,31 +118,33 @@ class StreamReacher:
         reads: list[tuple[int, int]] = []
         for address, length in _page_windows(table + first * 64, count * 64):
             index = first + (address - table - first * 64) // 64
-            key = ("entries", stage2, address, index, length, v_byte, v_mask)
-            page = self.memo.get(
-                key,
-                lambda a=address, i=index, n=length: self._entries_page(  # type: ignore[misc]
-                    stage2, a, i, n, v_byte, v_mask
-                ),
-            )
+            key = ("entries", self.walker.config_id(stage2), address, index, length, v_byte, v_mask)
+            page = self.memo.get(key, self._entries_page, stage2, address, index, length, v_byte, v_mask)
             found.extend(page.found)
             reads.extend(page.reads)
         return Entries(tuple(found), tuple(reads))
 
-    def _chunks(self, stage2: WalkConfig | None, address: int, length: int) -> list[tuple[int, int, int]]:
+    def _chunks(
+        self, stage2: WalkConfig | None, address: int, length: int
+    ) -> list[tuple[int, int, int]] | None:
         """(input address, PA, length) pieces of a structure fetch; through stage 2 (read
-        permission needed) when ``stage2`` is given."""
+        permission needed) when ``stage2`` is given; None when that walk reads MMIO."""
         if stage2 is None:
             return [(address, address, length)]
-        s2 = self.walker.tree(stage2)
-        return [(ipa, pa, n) for ipa, pa, n, perms in s2.pieces(address, address + length) if perms & READ]
+        pieces = self.walker.translate(stage2, address, length)
+        if isinstance(pieces, str):
+            return None
+        return [(ipa, pa, n) for ipa, pa, n, perms in pieces if perms & READ]
 
     def _entries_page(
         self, stage2: WalkConfig | None, address: int, first: int, length: int, v_byte: int, v_mask: int
     ) -> Entries:
         found: list[tuple[int, int, int]] = []
         reads: list[tuple[int, int]] = []
-        for ipa, pa, n in self._chunks(stage2, address, length):
+        chunks = self._chunks(stage2, address, length)
+        if chunks is None:
+            return Entries((), (), True)
+        for ipa, pa, n in chunks:
             raw = self.memory.read(pa, n)
             if raw is None:
                 continue  # a bulk fetch outside RAM aborts
@@ -164,9 +167,9 @@ class StreamReacher:
         reads: list[tuple[int, int]] = []
         device: list[int] = []
         for address, length in _page_windows(table, count * 8):
-            key = ("descriptors", stage2, address, length)
+            key = ("descriptors", self.walker.config_id(stage2), address, length)
             first = (address - table) // 8
-            page = self.memo.get(key, lambda a=address, n=length: self._descriptors_page(stage2, a, n))  # type: ignore[misc]
+            page = self.memo.get(key, self._descriptors_page, stage2, address, length)
             found.extend((first + i, value, pa) for i, value, pa in page.found)
             reads.extend(page.reads)
             device.extend(first + i for i in page.device_defined)
@@ -176,7 +179,10 @@ class StreamReacher:
         found: list[tuple[int, int, int]] = []
         reads: list[tuple[int, int]] = []
         device: list[int] = []
-        for ipa, pa, n in self._chunks(stage2, address, length):
+        chunks = self._chunks(stage2, address, length)
+        if chunks is None:
+            return Descriptors((), (), tuple(range(length // 8)))
+        for ipa, pa, n in chunks:
             reads.append((pa, pa + n))
             backing = self.memory.backing(pa, n)
             first = (ipa - address) // 8
@@ -214,7 +220,7 @@ class StreamReacher:
         if not (cdmax and stream.s1_fmt):
             table &= ~((1 << cdmax) * CD_SIZE - 1)
             linear = self.entries(stage2, table, 0, 1 << cdmax, _CD_V_BYTE, _CD_V_MASK)
-            return list(linear.found), list(linear.reads), False
+            return list(linear.found), list(linear.reads), linear.device_defined
         leaf_bits = 6 if stream.s1_fmt == 1 else 10
         l1_count = max(1, 1 << max(0, cdmax - leaf_bits))
         l1_table = table & ~(l1_count * 8 - 1)
@@ -222,13 +228,15 @@ class StreamReacher:
         found: list[tuple[int, int, int]] = []
         reads = list(l1.reads)
         per_l2 = min(1 << leaf_bits, 1 << cdmax)
+        device_defined = bool(l1.device_defined)
         for l1_index, desc, _pa in l1.found:
             if not L1CD.V.get(desc):
                 continue
             l2 = self.l1cd_l2(stage2, desc, l1_index, leaf_bits, per_l2)
             found.extend(l2.found)
             reads.extend(l2.reads)
-        return found, reads, bool(l1.device_defined)
+            device_defined = device_defined or l2.device_defined
+        return found, reads, device_defined
 
     def l1cd_l2(
         self, stage2: WalkConfig | None, l1cd: int, l1_index: int, leaf_bits: int, count: int
@@ -270,7 +278,7 @@ class StreamReacher:
             found, reads, device_defined = self.cd_table(cfg)
             reaches.append(_reads(sid, None, tuple(reads), (*path, "CD fetches")))
             if device_defined:
-                step = "an L1CD is in MMIO: its CDs are whatever the device returns"
+                step = "CD table memory is MMIO: its CDs are whatever the device returns"
                 reaches.append(Reach(DEVICE, sid, None, unstaged, (*path, step), stage1_skipped))
             for index, value, address in found:
                 ctx = decode_cd(sid, index, value, address, (address,), self.features, cfg.world)

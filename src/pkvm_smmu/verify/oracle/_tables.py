@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import bisect
 from array import array
+from dataclasses import dataclass
 from functools import lru_cache
 from sys import byteorder
 
 from pkvm_smmu.arch.vmsa import S1_LEAF, S2_LEAF, TABLE_DESC
+from pkvm_smmu.machine.memory import PAGE_SIZE
 from pkvm_smmu.machine.smmu.types import WalkConfig
 from pkvm_smmu.verify.oracle._memo import DependencyMemo
 from pkvm_smmu.verify.oracle._memory import Backing, MemoryView
@@ -124,6 +126,38 @@ def compose(stage1: Tree, stage2: Tree) -> Runs:
     return Runs.of(parts)
 
 
+def _coalesce_runs(pieces: list[MapRun]) -> tuple[MapRun, ...]:
+    """Input-ordered runs with linear neighbours joined."""
+    out: list[MapRun] = []
+    if not pieces:
+        return ()
+    cur_in, cur_out, cur_size, cur_perms = pieces[0]
+    for r_in, r_out, r_size, perms in pieces[1:]:
+        if perms == cur_perms and cur_in + cur_size == r_in and cur_out + cur_size == r_out:
+            cur_size += r_size
+        else:
+            out.append((cur_in, cur_out, cur_size, cur_perms))
+            cur_in, cur_out, cur_size, cur_perms = r_in, r_out, r_size, perms
+    out.append((cur_in, cur_out, cur_size, cur_perms))
+    return tuple(out)
+
+
+def _coalesce_ranges(ranges: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """Ranges with touching neighbours joined (order kept)."""
+    out: list[tuple[int, int]] = []
+    if not ranges:
+        return ()
+    cur_start, cur_end = ranges[0]
+    for start, end in ranges[1:]:
+        if start == cur_end:
+            cur_end = end
+        else:
+            out.append((cur_start, cur_end))
+            cur_start, cur_end = start, end
+    out.append((cur_start, cur_end))
+    return tuple(out)
+
+
 def _append_run(runs: list[MapRun], run: MapRun) -> None:
     if runs:
         last_in, last_out, last_size, last_perms = runs[-1]
@@ -140,15 +174,52 @@ def _append_range(ranges: list[tuple[int, int]], start: int, end: int) -> None:
         ranges.append((start, end))
 
 
+@dataclass(frozen=True, slots=True)
+class _Next:
+    base: int  # input address the next-level table starts at
+    table: int  # its address (an IPA for a nested stage 1)
+    read_only: bool  # stage-1 APTable[1] on the way
+
+
+@dataclass(frozen=True, eq=False, slots=True)
+class _Table:
+    """One table's own descriptors: leaf runs and next-level tables, in input order."""
+
+    items: tuple[MapRun | _Next, ...]
+    reads: tuple[tuple[int, int], ...]
+    device_defined: tuple[int, ...]
+    starts: list[int]  # input address of each item, for lookups
+
+
+# A piece of a stage-2 lookup: (input, output, length, perms); DEVICE_DEFINED when the walk met MMIO.
+DEVICE_DEFINED = "device-defined"
+Translation = tuple[MapRun, ...] | str
+
+
 class TreeWalker:
-    """Memoised enumeration of table trees in memory."""
+    """Memoised enumeration of table trees in memory.
+
+    Two memo values per table: its own descriptors (``_table``: depends on the table's memory and,
+    nested, on the stage-2 translation of its pages) and everything below it (``_subtree``). A
+    write to one leaf table then re-reads that table and re-joins its ancestors' results, while
+    lookups through untouched tables (a nested stage 1's table addresses) stay valid.
+    """
 
     def __init__(self, memory: MemoryView, memo: DependencyMemo) -> None:
         self.memory = memory
         self.memo = memo
+        # Configurations by a small number: memo keys of plain ints hash and compare quickly.
+        self._ids: dict[WalkConfig | None, int] = {None: 0}
 
-    def tree(self, cfg: WalkConfig, stage2: WalkConfig | None = None) -> Tree:
-        """Everything ``cfg``'s tables map; with ``stage2``, table addresses are IPAs."""
+    def config_id(self, cfg: WalkConfig | None) -> int:
+        found = self._ids.get(cfg)
+        if found is None:
+            found = self._ids[cfg] = len(self._ids)
+        return found
+
+    @staticmethod
+    def _root(cfg: WalkConfig) -> tuple[int, int, int]:
+        """(table address, start level, entries) of the start-level table, as the walker finds it."""
         gshift = cfg.granule.shift
         stride = gshift - 3
         level = cfg.start_level
@@ -159,44 +230,147 @@ class TreeWalker:
         oa52 = gshift == 16 and cfg.output_bits > 48
         table = cfg.ttb & -(entries << 3 if not oa52 or entries >= 8 else 64)
         reachable = 1 << (cfg.input_bits - shift) if cfg.input_bits > shift else 1
-        return self._node(cfg, stage2, table, level, 0, min(entries, reachable), False)
+        return table, level, min(entries, reachable)
 
-    def _node(
+    def tree(self, cfg: WalkConfig, stage2: WalkConfig | None = None) -> Tree:
+        """Everything ``cfg``'s tables map; with ``stage2``, table addresses are IPAs."""
+        table, level, entries = self._root(cfg)
+        ids = (self.config_id(cfg), self.config_id(stage2))
+        return self._subtree(cfg, stage2, ids, table, level, 0, entries, False)
+
+    def translate_page(self, stage2: WalkConfig, page: int) -> Translation:
+        """The stage-2 mapping of the page at ``page``: its pieces, or DEVICE_DEFINED. Depends only
+        on the tables its walk reads."""
+        ids = (self.config_id(stage2), 0)
+        return self.memo.get(("s2-page", ids, page), lambda: self._translate_page(stage2, ids, page))
+
+    def translate(self, stage2: WalkConfig, start: int, length: int) -> Translation:
+        """``translate_page`` over ``[start, start + length)``."""
+        pieces: list[MapRun] = []
+        address, end = start, start + length
+        while address < end:
+            page = address & ~(PAGE_SIZE - 1)
+            found = self.translate_page(stage2, page)
+            if isinstance(found, str):
+                return found
+            stop = min(end, page + PAGE_SIZE)
+            for r_in, r_out, r_len, perms in found:
+                lo, hi = max(r_in, address), min(r_in + r_len, stop)
+                if lo < hi:
+                    pieces.append((lo, r_out + lo - r_in, hi - lo, perms))
+            address = stop
+        return tuple(pieces)
+
+    def _translate_page(self, stage2: WalkConfig, ids: tuple[int, int], page: int) -> Translation:
+        table, level, entries = self._root(stage2)
+        base = 0
+        stride = stage2.granule.shift - 3
+        while True:
+            parsed = self._table(stage2, None, ids, table, level, base, entries, False)
+            if parsed.device_defined:
+                return DEVICE_DEFINED
+            i = bisect.bisect_right(parsed.starts, page) - 1
+            if i < 0:
+                return ()
+            item = parsed.items[i]
+            if isinstance(item, _Next):
+                shift = stage2.granule.shift + (3 - level) * stride
+                if page >= item.base + (1 << shift):
+                    return ()
+                table, level, base, entries = item.table, level + 1, item.base, 1 << stride
+                continue
+            r_in, r_out, r_size, perms = item
+            if page >= r_in + r_size:
+                return ()
+            lo, hi = page, min(page + PAGE_SIZE, r_in + r_size)
+            return ((lo, r_out + lo - r_in, hi - lo, perms),)
+
+    def _subtree(
         self,
         cfg: WalkConfig,
         stage2: WalkConfig | None,
+        ids: tuple[int, int],
         table: int,
         level: int,
         base: int,
         entries: int,
         read_only: bool,
     ) -> Tree:
-        key = ("table", cfg, stage2, table, level, base, entries, read_only)
-        return self.memo.get(key, lambda: self._scan(cfg, stage2, table, level, base, entries, read_only))
+        key = ("subtree", ids, table, level, base, entries, read_only)
+        return self.memo.get(
+            key, lambda: self._join(cfg, stage2, ids, table, level, base, entries, read_only)
+        )
+
+    def _join(
+        self,
+        cfg: WalkConfig,
+        stage2: WalkConfig | None,
+        ids: tuple[int, int],
+        table: int,
+        level: int,
+        base: int,
+        entries: int,
+        read_only: bool,
+    ) -> Tree:
+        parsed = self._table(cfg, stage2, ids, table, level, base, entries, read_only)
+        pieces: list[MapRun] = []
+        reads = list(parsed.reads)
+        device = list(parsed.device_defined)
+        child_entries = 1 << (cfg.granule.shift - 3)
+        get = self.memo.get
+        join = self._join
+        child_level = level + 1
+        for item in parsed.items:
+            if isinstance(item, _Next):
+                key = ("subtree", ids, item.table, child_level, item.base, child_entries, item.read_only)
+                child = get(key, join, cfg, stage2, ids, item.table, child_level, item.base, child_entries,
+                            item.read_only)  # fmt: skip
+                pieces.extend(child.runs)
+                reads.extend(child.reads)
+                if child.device_defined:
+                    device.extend(child.device_defined)
+            else:
+                pieces.append(item)
+        return Tree(_coalesce_runs(pieces), _coalesce_ranges(reads), tuple(device))
+
+    def _table(
+        self,
+        cfg: WalkConfig,
+        stage2: WalkConfig | None,
+        ids: tuple[int, int],
+        table: int,
+        level: int,
+        base: int,
+        entries: int,
+        read_only: bool,
+    ) -> _Table:
+        key = ("table", ids, table, level, base, entries, read_only)
+        return self.memo.get(
+            key, lambda: self._scan(cfg, stage2, ids, table, level, base, entries, read_only)
+        )
 
     def _scan(
         self,
         cfg: WalkConfig,
         stage2: WalkConfig | None,
+        ids: tuple[int, int],
         table: int,
         level: int,
         base: int,
         entries: int,
         read_only: bool,
-    ) -> Tree:
+    ) -> _Table:
         length = entries << 3
-        runs: list[MapRun] = []
+        items: list[MapRun | _Next] = []
         reads: list[tuple[int, int]] = []
         device: list[int] = []
         if stage2 is None:
-            chunks = [(0, table, length)]
+            chunks: list[tuple[int, int, int]] = [(0, table, length)]
         else:
-            s2 = self.tree(stage2)  # this table depends on the stage-2 mapping of its IPAs
-            if s2.device_defined:
-                return Tree((), (), s2.device_defined)
-            chunks = [
-                (ipa - table, pa, n) for ipa, pa, n, perms in s2.pieces(table, table + length) if perms & READ
-            ]
+            pieces = self.translate(stage2, table, length)
+            if isinstance(pieces, str):  # the stage-2 walk reads MMIO: the table could be anywhere
+                return _Table((), (), (table,), [])
+            chunks = [(ipa - table, pa, n) for ipa, pa, n, perms in pieces if perms & READ]
         memory = self.memory
         for offset, pa, n in chunks:
             _append_range(reads, pa, pa + n)
@@ -206,21 +380,19 @@ class TreeWalker:
             elif backing is Backing.RAM:
                 raw = memory.read(pa, n)
                 assert raw is not None
-                self._decode(raw, offset >> 3, cfg, stage2, level, base, read_only, runs, reads, device)
-        return Tree(tuple(runs), tuple(reads), tuple(device))
+                self._decode(raw, offset >> 3, cfg, level, base, read_only, items)
+        starts = [item.base if isinstance(item, _Next) else item[0] for item in items]
+        return _Table(tuple(items), tuple(reads), tuple(device), starts)
 
     def _decode(
         self,
         raw: bytes,
         first_index: int,
         cfg: WalkConfig,
-        stage2: WalkConfig | None,
         level: int,
         base: int,
         read_only: bool,
-        runs: list[MapRun],
-        reads: list[tuple[int, int]],
-        device: list[int],
+        items: list[MapRun | _Next],
     ) -> None:
         gshift = cfg.granule.shift
         stride = gshift - 3
@@ -263,12 +435,7 @@ class TreeWalker:
                 if next_table >> output_bits:
                     return  # address size fault
                 child_ro = read_only or bool(hierarchical and desc & _APTABLE_RO)
-                child = self._node(cfg, stage2, next_table, level + 1, address, 1 << stride, child_ro)
-                for run in child.runs:
-                    _append_run(runs, run)
-                for start, end in child.reads:
-                    _append_range(reads, start, end)
-                device.extend(child.device_defined)
+                items.append(_Next(address, next_table, child_ro))
                 return
             if not leaf_level or desc & _TYPE != leaf_type:
                 return  # reserved encoding: translation fault
@@ -277,7 +444,7 @@ class TreeWalker:
                 return
             perms = leaf_perms(desc)
             if perms:
-                _append_run(runs, (address, out, size, perms))
+                _append_item(items, (address, out, size, perms))
 
         todo = [(0, len(raw) >> 3)]
         while todo:
@@ -298,9 +465,8 @@ class TreeWalker:
             ):
                 perms = leaf_perms(head)
                 if perms:
-                    _append_run(
-                        runs, (base + ((first_index + lo) << shift), output_of(head), n * size, perms)
-                    )
+                    address = base + ((first_index + lo) << shift)
+                    _append_item(items, (address, output_of(head), n * size, perms))
                 continue
             if n <= _PER_ENTRY_BELOW:
                 values = array("Q")
@@ -311,8 +477,19 @@ class TreeWalker:
                     one(first_index + lo + k, desc)
                 continue
             mid = (lo + hi) >> 1
-            todo.append((mid, hi))  # popped last: keeps the runs in input order
+            todo.append((mid, hi))  # popped last: keeps the items in input order
             todo.append((lo, mid))
 
 
-__all__ = ["MapRun", "Tree", "TreeWalker", "compose"]
+def _append_item(items: list[MapRun | _Next], run: MapRun) -> None:
+    if items:
+        last = items[-1]
+        if not isinstance(last, _Next):
+            last_in, last_out, last_size, last_perms = last
+            if last_perms == run[3] and last_in + last_size == run[0] and last_out + last_size == run[1]:
+                items[-1] = (last_in, last_out, last_size + run[2], last_perms)
+                return
+    items.append(run)
+
+
+__all__ = ["DEVICE_DEFINED", "MapRun", "Translation", "Tree", "TreeWalker", "compose"]
