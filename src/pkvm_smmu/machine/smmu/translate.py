@@ -13,7 +13,6 @@ state: they are dropped on every configuration invalidation and never change a r
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import Enum
@@ -23,7 +22,6 @@ from pkvm_smmu.arch.events import EVENT_FIELDS, EventType, FaultClass, build_eve
 from pkvm_smmu.arch.registers import CR0, GBPA
 from pkvm_smmu.arch.strtab import Eats, S1Dss, SteConfig
 from pkvm_smmu.machine.bus import ExternalAbort, Initiator, InitiatorKind
-from pkvm_smmu.machine.memory import PAGE_MASK, PAGE_SHIFT
 from pkvm_smmu.machine.smmu.config import ConfigFault
 from pkvm_smmu.machine.smmu.decode import ContextConfig, StreamConfig
 from pkvm_smmu.machine.smmu.tlb import TlbEntry
@@ -35,7 +33,7 @@ from pkvm_smmu.machine.smmu.types import (
     WalkConfig,
     WalkFault,
 )
-from pkvm_smmu.machine.smmu.walk import walk_raw
+from pkvm_smmu.machine.smmu.walk import NO_RAM, RamView, walk_raw
 
 if TYPE_CHECKING:
     from pkvm_smmu.machine.smmu.device import SmmuV3
@@ -57,7 +55,6 @@ _TRANSLATION_FAULTS = frozenset(
 # Bounds on the derived accelerators: past these they are simply emptied and rebuilt.
 _MICRO_TLB_MAX = 1 << 14
 _PLANS_MAX = 1 << 12
-_read_u64 = struct.Struct("<Q").unpack_from
 
 DescriptorReader = Callable[[int], "int | ExternalAbort"]
 IpaTranslator = Callable[[int], "int | WalkFault"]
@@ -67,9 +64,9 @@ IpaTranslator = Callable[[int], "int | WalkFault"]
 Observer = Callable[
     [Transaction, "StreamConfig | None", "ContextConfig | None", "TlbEntry | None", TranslationResult], None
 ]
-# (stream, context): a stream and SubstreamID whose checks all passed, with the CD stage 1 uses,
-# or None when the flow is stage 2 only.
-_Plan = tuple[StreamConfig, "ContextConfig | None"]
+# (stream, context, privileged, instruction): a stream and SubstreamID whose checks all passed,
+# the CD stage 1 uses (None: stage 2 only), and the PRIVCFG / INSTCFG overrides (None: incoming).
+_Plan = tuple[StreamConfig, "ContextConfig | None", "bool | None", "bool | None"]
 
 
 class AtsStatus(Enum):
@@ -106,6 +103,7 @@ class Translator:
     def __init__(self, smmu: SmmuV3) -> None:
         self.smmu = smmu
         self._regs = smmu.regs
+        self._bus = smmu.bus
         self._trace = smmu.trace
         # (sid, ssid, page) -> the TLB entry that translated the page; used while entry.alive.
         # Emptied on configuration invalidation and while an observer is set.
@@ -117,6 +115,7 @@ class Translator:
         self._used_context: ContextConfig | None = None
         self._used_entry: TlbEntry | None = None
         self._readers: dict[int, DescriptorReader] = {}  # per StreamID: descriptor reads of walks
+        self._ram_view: RamView | None = None  # the RAM walks read inline when nobody observes
         self._device_initiators: dict[tuple[int, int | None], Initiator] = {}
         self._answering_ats = False
         # While answering a Translation Request: a configuration error was met (-> CA), and the
@@ -146,23 +145,30 @@ class Translator:
 
     # -- device-facing ------------------------------------------------------------------------
     def translate(self, txn: Transaction) -> TranslationResult:
-        # Hot path: a micro-TLB hit is a dict probe and the entry's permission bits.
-        if self._regs.cr0ack & _SMMUEN and not txn.ats_translated and not txn.instruction:
-            entry = self._micro_tlb.get((txn.stream_id, txn.substream_id, txn.address >> _PAGE_SHIFT))
-            if (
-                entry is not None
-                and entry.alive
-                and (txn.privileged or entry.unpriv)
-                and (
-                    (entry.writable and entry.s2_writable)
-                    if txn.is_write
-                    else (entry.readable and entry.s2_readable)
-                )
-            ):
-                if self._trace.enabled:
-                    self._trace_tlb(txn, True)
-                return TranslationResult(_OK, txn.address + entry.output_base - entry.input_base)
-        return self._translate_full(txn)
+        if self._regs.cr0ack & _SMMUEN and not txn.ats_translated:
+            # Hot path: a micro-TLB hit is a dict probe and the entry's permission bits.
+            if not txn.instruction:
+                entry = self._micro_tlb.get((txn.stream_id, txn.substream_id, txn.address >> _PAGE_SHIFT))
+                if (
+                    entry is not None
+                    and entry.alive
+                    and (txn.privileged or entry.unpriv)
+                    and (
+                        (entry.writable and entry.s2_writable)
+                        if txn.is_write
+                        else (entry.readable and entry.s2_readable)
+                    )
+                ):
+                    if self._trace.enabled:
+                        self._trace_tlb(txn, True)
+                    return TranslationResult(_OK, txn.address + entry.output_base - entry.input_base)
+            result = self._translate_slow(txn)
+        else:
+            result = self._disabled_or_ats_translated(txn)
+        observer = self._observer
+        if observer is not None:
+            observer(txn, self._used_stream, self._used_context, self._used_entry, result)
+        return result
 
     def dma_read(self, txn: Transaction) -> bytes | TranslationResult:
         """Translate and read ``txn.size`` bytes; RAZ/WI termination reads zeros."""
@@ -217,19 +223,11 @@ class Translator:
         )
 
     # -- disabled, bypass, ATS Translated -------------------------------------------------------
-    def _translate_full(self, txn: Transaction) -> TranslationResult:
-        """Everything but a micro-TLB hit; tells the observer what the translation used."""
+    def _disabled_or_ats_translated(self, txn: Transaction) -> TranslationResult:
         self._used_stream = self._used_context = self._used_entry = None
         if not self._regs.cr0ack & _SMMUEN:
-            result = self._smmu_disabled(txn)
-        elif txn.ats_translated:
-            result = self._ats_translated(txn)
-        else:
-            result = self._translate_slow(txn)
-        observer = self._observer
-        if observer is not None:
-            observer(txn, self._used_stream, self._used_context, self._used_entry, result)
-        return result
+            return self._smmu_disabled(txn)
+        return self._ats_translated(txn)
 
     def _smmu_disabled(self, txn: Transaction) -> TranslationResult:
         if txn.ats_translated:
@@ -266,19 +264,21 @@ class Translator:
 
     # -- the full flow -------------------------------------------------------------------------
     def _translate_slow(self, txn: Transaction) -> TranslationResult:
+        """An untranslated transaction with SMMUEN=1, below the micro-TLB."""
         plan = self._plans.get((txn.stream_id, txn.substream_id))
         if plan is not None:
             # The cached STE (and CD) and every check _translate_stream made still hold: no
             # invalidation happened since (it would have dropped the plan).
-            stream, context = plan
+            stream, context, privileged, instruction = plan
+            if privileged is None:
+                privileged = txn.privileged
+            instruction = (txn.instruction if instruction is None else instruction) and not txn.is_write
             self._used_stream = stream
-            privcfg, instcfg = stream.privcfg, stream.instcfg
-            privileged = txn.privileged if privcfg < 2 else privcfg == 3
-            instruction = (txn.instruction if instcfg < 2 else instcfg == 3) and not txn.is_write
+            self._used_context = context  # _stage1 and _stage2_only set _used_entry
             if context is None:
                 return self._stage2_only(txn, stream, privileged, instruction)
-            self._used_context = context
             return self._stage1(txn, stream, context, privileged, instruction)
+        self._used_stream = self._used_context = self._used_entry = None
         looked_up = self.smmu.config_cache.lookup_stream(txn.stream_id)
         if isinstance(looked_up, ConfigFault):
             return self._report(txn, self._config_fault(looked_up))
@@ -323,7 +323,13 @@ class Translator:
             plans = self._plans
             if len(plans) >= _PLANS_MAX:
                 plans.clear()
-            plans[(txn.stream_id, txn.substream_id)] = (stream, context)
+            privcfg, instcfg = stream.privcfg, stream.instcfg
+            plans[(txn.stream_id, txn.substream_id)] = (
+                stream,
+                context,
+                None if privcfg < 2 else privcfg == 3,
+                None if instcfg < 2 else instcfg == 3,
+            )
 
     @staticmethod
     def _cd_index(stream: StreamConfig, ssid: int | None) -> int | _Fault | None:
@@ -363,21 +369,42 @@ class Translator:
         # EPDx (no walk), or an input in neither TTB0's nor TTB1's range.
         input_bits = 0 if walk_cfg is None else walk_cfg.input_bits
         if walk_cfg is None or tlb_va >> input_bits != ((_ALL_ONES_64 >> input_bits) if upper else 0):
+            self._used_entry = None
             fault = _Fault(EventType.F_TRANSLATION, record=context.record, abort=context.abort)
             return self._report(txn, fault)
-        kind = _NESTED if stream.s2 else _S1
-        entry = self.smmu.tlb.lookup(kind, stream.world, stream.vmid, context.asid, tlb_va)
+        tlb = self.smmu.tlb
+        nested = stream.s2
+        entry = tlb.lookup(_NESTED if nested else _S1, stream.world, stream.vmid, context.asid, tlb_va)
         if self._trace.enabled:
             self._trace_tlb(txn, entry is not None)
         if entry is None:
             reduced = tlb_va & ((1 << input_bits) - 1)
-            if kind is _S1:
-                built = self._fill_stage1(stream, context, walk_cfg, reduced, tlb_va - reduced)
-            else:
+            if nested:
                 built = self._fill_nested(stream, context, walk_cfg, reduced, tlb_va - reduced)
-            if isinstance(built, _Fault):
-                return self._report(txn, built)
-            entry = built
+                if isinstance(built, _Fault):
+                    self._used_entry = None
+                    return self._report(txn, built)
+                entry = built
+            else:
+                # Stage 1 only, the hottest miss: walked and cached here.
+                sid = stream.sid
+                reader = self._readers.get(sid) or self._descriptor_reader(sid)
+                view = self._ram_view
+                ram = NO_RAM if view is None or self._bus.observers else view
+                walked = walk_raw(walk_cfg, reduced, reader, None, ram)
+                if isinstance(walked, WalkFault):
+                    self._used_entry = None
+                    return self._report(txn, _stage1_walk_fault(walked, stream, context))
+                input_base, output_base, level, size, _, _, path, read, write, unpriv, x, px, glob, attr = (
+                    walked
+                )
+                # Positional, in TlbEntry's field order: keywords cost as much as the walk's reads.
+                entry = TlbEntry(
+                    _S1, stream.world, stream.vmid, None if glob else context.asid,
+                    tlb_va - reduced + input_base, size, output_base, read, write, unpriv, x, px, attr,
+                    level, path, output_base,
+                )  # fmt: skip
+                tlb.insert(entry)
         self._used_entry = entry
         # The permission checks of walk.check_permission, on the (possibly combined) entry.
         if txn.is_write:
@@ -405,29 +432,6 @@ class Translator:
                 micro.clear()
             micro[(txn.stream_id, txn.substream_id, va >> _PAGE_SHIFT)] = entry
         return TranslationResult(_OK, tlb_va + entry.output_base - entry.input_base)
-
-    def _fill_stage1(
-        self,
-        stream: StreamConfig,
-        context: ContextConfig,
-        walk_cfg: WalkConfig,
-        reduced: int,
-        region_base: int,
-    ) -> TlbEntry | _Fault:
-        """Walk a stage-1-only translation and cache it."""
-        sid = stream.sid
-        reader = self._readers.get(sid) or self._descriptor_reader(sid)
-        result = walk_raw(walk_cfg, reduced, reader, None)
-        if isinstance(result, WalkFault):
-            return _stage1_walk_fault(result, stream, context)
-        input_base, output_base, level, size, _, _, path, read, write, unpriv, x, px, glob, attr = result
-        # Positional, in TlbEntry's field order: keywords cost as much as the walk's reads.
-        entry = TlbEntry(
-            _S1, stream.world, stream.vmid, None if glob else context.asid, region_base + input_base,
-            size, output_base, read, write, unpriv, x, px, attr, level, path, output_base,
-        )  # fmt: skip
-        self.smmu.tlb.insert(entry)
-        return entry
 
     def _fill_nested(
         self,
@@ -458,7 +462,7 @@ class Translator:
 
         sid = stream.sid
         reader = self._readers.get(sid) or self._descriptor_reader(sid)
-        result = walk_raw(walk_cfg, reduced, reader, translate_table)
+        result = walk_raw(walk_cfg, reduced, reader, translate_table, self._ram())
         if isinstance(result, WalkFault):
             return _stage1_walk_fault(result, stream, context)
         input_base, output_base, level, s1_size, _, _, path, read, write, unpriv, x, px, glob, attr = result
@@ -495,7 +499,7 @@ class Translator:
         assert s2_walk is not None
         sid = stream.sid
         reader = self._readers.get(sid) or self._descriptor_reader(sid)
-        result = walk_raw(s2_walk, ipa, reader, None)
+        result = walk_raw(s2_walk, ipa, reader, None, self._ram())
         if isinstance(result, WalkFault):
             return result
         input_base, output_base, level, size, _, _, path, readable, writable, _, x, _, _, attr = result
@@ -517,6 +521,7 @@ class Translator:
         ipa = txn.address
         if ipa >> self.smmu.features.ias_bits:
             # Stage 1 bypassed: an input beyond IAS is a stage-1 address size fault.
+            self._used_entry = None
             return self._report(txn, _Fault(EventType.F_ADDR_SIZE))
         entry = self.smmu.tlb.lookup_s2(stream.world, stream.vmid, ipa)
         if self._trace.enabled:
@@ -524,6 +529,7 @@ class Translator:
         if entry is None:
             walked = self._s2_walk(stream, ipa)
             if isinstance(walked, WalkFault):
+                self._used_entry = None
                 return self._report(
                     txn,
                     _Fault(
@@ -565,36 +571,27 @@ class Translator:
         if reader is not None:
             return reader
         initiator = Initiator(InitiatorKind.SMMU, self.smmu.name, stream_id=sid, purpose="walk")
-        bus = self.smmu.bus
-        read = bus.read
-        page_if_backed = bus.ram.page_if_backed
-        # RAM known now, as [first, last] descriptor addresses; anything else takes the full path.
-        ram = tuple((r.base, r.end - 8) for r in bus.ram_regions())
+        read = self.smmu.bus.read
 
-        # Hot path (DESIGN rule 9): with nobody observing the bus, a RAM read is exactly what
-        # SystemBus.read would return; with observers every read goes through the bus (rule 4).
-        # Walks only read 8-byte aligned descriptors, which never cross a page.
-        if len(ram) == 1:
-            ((first, last),) = ram
-
-            def read_desc(pa: int) -> int | ExternalAbort:
-                if first <= pa <= last and not bus.observers:
-                    page = page_if_backed(pa >> PAGE_SHIFT)
-                    return 0 if page is None else _read_u64(page, pa & PAGE_MASK)[0]
-                return read(initiator, pa, 8)
-
-        else:
-
-            def read_desc(pa: int) -> int | ExternalAbort:
-                if not bus.observers:
-                    for first, last in ram:
-                        if first <= pa <= last:
-                            page = page_if_backed(pa >> PAGE_SHIFT)
-                            return 0 if page is None else _read_u64(page, pa & PAGE_MASK)[0]
-                return read(initiator, pa, 8)
+        def read_desc(pa: int) -> int | ExternalAbort:
+            return read(initiator, pa, 8)
 
         self._readers[sid] = read_desc
+        if self._ram_view is None:
+            # The largest RAM region known at the first walk; other reads take the bus.
+            bus = self.smmu.bus
+            regions = bus.ram_regions()
+            if regions:
+                ram = max(regions, key=lambda r: r.size)
+                self._ram_view = (bus.ram.page_if_backed, ram.base, ram.end - 8)
         return read_desc
+
+    def _ram(self) -> RamView:
+        """What walks may read inline (DESIGN rule 9): with nobody observing the bus, a read of
+        RAM is exactly what SystemBus.read returns; with observers every read goes through the
+        bus (rule 4). Valid after a ``_descriptor_reader`` call."""
+        view = self._ram_view
+        return NO_RAM if view is None or self._bus.observers else view
 
     # -- faults and events ------------------------------------------------------------------------
     @staticmethod

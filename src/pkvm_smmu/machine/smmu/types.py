@@ -3,7 +3,7 @@ parameters and results, and walk faults. Plain data; no behaviour."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from pkvm_smmu.arch.events import EventType, FaultClass
@@ -76,6 +76,9 @@ class WalkConfig:
     # PXNTable are ignored, bit 54 is XN for every access, every entry is global.
     single_privilege: bool = False
     wxn: bool = False  # stage 1 CD.WXN: writable regions are never executable
+    # Derived by the walker on its first walk (start table, masks, shifts): a cache, not part of
+    # the configuration (not compared, not hashed).
+    geometry: tuple[int, ...] | None = field(default=None, init=False, repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

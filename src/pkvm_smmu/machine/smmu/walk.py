@@ -5,9 +5,11 @@ or CDs: the caller decodes its configuration into a ``WalkConfig``, selects TTB0
 top byte, and checks permission with ``check_permission`` on the returned leaf.
 
 Every descriptor read goes through ``read_desc(pa)`` (rule 4: the caller routes it through the
-bus). For a nested stage 1, ``cfg.ttb`` and every next-level table address are IPAs, and
-``translate_table(ipa)`` turns each descriptor's IPA into the PA to read, or returns the stage-2
-fault unchanged for the caller to report with CLASS=TT.
+bus), except that a caller may hand ``walk_raw`` a ``RamView`` for reads that are plain RAM reads
+nobody observes, which it then does inline (the reads are most of a walk's cost). For a nested
+stage 1, ``cfg.ttb`` and every next-level table address are IPAs, and ``translate_table(ipa)``
+turns each descriptor's IPA into the PA to read, or returns the stage-2 fault unchanged for the
+caller to report with CLASS=TT.
 
 Fault order within one walk (IHI 0070 §7.3.22): input range, then per level {F_WALK_EABT,
 F_TRANSLATION, F_ADDR_SIZE}, then F_ACCESS on the leaf. Not modelled: HTTU (AF=0 always faults
@@ -24,17 +26,25 @@ Hot path (DESIGN rule 9): no tracing, no helper objects, inline arithmetic on pl
 from __future__ import annotations
 
 import dataclasses
+import struct
 from collections.abc import Callable
 
 from pkvm_smmu.arch.events import EventType, FaultClass
 from pkvm_smmu.arch.vmsa import S1_LEAF, S2_LEAF, TABLE_DESC
 from pkvm_smmu.machine.bus import ExternalAbort
+from pkvm_smmu.machine.memory import PAGE_MASK, PAGE_SHIFT
 from pkvm_smmu.machine.smmu.types import WalkConfig, WalkFault, WalkLeaf
 
-__all__ = ["RawLeaf", "check_permission", "walk", "walk_raw"]
+__all__ = ["NO_RAM", "RamView", "RawLeaf", "check_permission", "walk", "walk_raw"]
 
 # WalkLeaf's fields, in declaration order: WalkLeaf(*raw) is the leaf.
 RawLeaf = tuple[int, int, int, int, int, int, tuple[int, ...], bool, bool, bool, bool, bool, bool, int]
+# (page_of, first, last): a descriptor at a PA in [first, last] is the little-endian u64 at
+# pa & PAGE_MASK of page_of(pa >> PAGE_SHIFT) (None: an untouched page, reads zero). Valid only
+# where that is exactly what read_desc would return (RAM, and nobody observing the bus).
+RamView = tuple[Callable[[int], "bytearray | None"], int, int]
+NO_RAM: RamView = (lambda pfn: None, 0, -1)  # every read through read_desc
+_read_u64 = struct.Struct("<Q").unpack_from
 
 # Descriptor bits, taken from the arch layouts (the one source of truth for encodings).
 _VALID = TABLE_DESC.VALID.in_place_mask
@@ -135,33 +145,20 @@ def walk_raw(
     address: int,
     read_desc: Callable[[int], int | ExternalAbort],
     translate_table: Callable[[int], int | WalkFault] | None = None,
+    ram: RamView = NO_RAM,
 ) -> RawLeaf | WalkFault:
-    """``walk``, with the leaf as a ``RawLeaf`` tuple (building a WalkLeaf costs a third of a walk)."""
-    stage = cfg.stage
-    level = cfg.start_level
+    """``walk``, with the leaf as a ``RawLeaf`` tuple (building a WalkLeaf costs a third of a walk),
+    and descriptor reads in ``ram`` done inline. Descriptors are 8-byte aligned: never split."""
+    page_of, ram_first, ram_last = ram
+    geometry = cfg.geometry or _geometry(cfg)
+    stage, level, input_bits, stride, output_bits, oa52, first_block, table_mask, shift, start_mask, table = (
+        geometry
+    )
     # Stage-2 faults report the IPA being translated; stage 1 has none.
     ipa = address if stage == 2 else 0
-    input_bits = cfg.input_bits
     if address >> input_bits:
         return WalkFault(_F_TRANSLATION, stage, level, _IN, ipa)
-
-    gshift = cfg.granule.shift
-    stride = gshift - 3
-    output_bits = cfg.output_bits
-    oa52 = gshift == 16 and output_bits > 48
-    # Blocks: 4 KiB at L1/L2; 16/64 KiB at L2 only, plus L1 for 64 KiB with a 52-bit OA.
-    first_block_level = 1 if gshift == 12 or oa52 else 2
-    table_mask = _OA_END - (1 << gshift)
-
-    # The start-level table resolves input bits [input_bits-1 : shift], spanning every
-    # concatenated table; its base is aligned to its size (the low TTB bits are treated as zero).
-    shift = gshift + (3 - level) * stride
-    entries = cfg.concatenated << stride
-    if input_bits - shift < stride:
-        entries = 1 << (input_bits - shift) if input_bits > shift else 1
-    # With a 52-bit OA the start table is at least 64-byte aligned (IHI 0070 CD.TTB0).
-    table = cfg.ttb & -(entries << 3 if not oa52 or entries >= 8 else 64)
-    index = (address >> shift) & (entries - 1)
+    index = (address >> shift) & start_mask
     entry_mask = (1 << stride) - 1
 
     path: list[int] = []
@@ -175,9 +172,14 @@ def walk_raw(
                 return translated
             pa = translated
         path.append(pa)
-        desc = read_desc(pa)
-        if isinstance(desc, ExternalAbort):
-            return WalkFault(_F_WALK_EABT, stage, level, _TT if stage == 1 else _IN, ipa, pa)
+        if ram_first <= pa <= ram_last:
+            page = page_of(pa >> PAGE_SHIFT)
+            desc = 0 if page is None else _read_u64(page, pa & PAGE_MASK)[0]
+        else:
+            read = read_desc(pa)
+            if isinstance(read, ExternalAbort):
+                return WalkFault(_F_WALK_EABT, stage, level, _TT if stage == 1 else _IN, ipa, pa)
+            desc = read
         if not desc & _VALID:
             return WalkFault(_F_TRANSLATION, stage, level, _IN, ipa)
         if desc & _TYPE:
@@ -194,7 +196,7 @@ def walk_raw(
             shift -= stride
             index = (address >> shift) & entry_mask
             continue
-        if level == 3 or level < first_block_level:
+        if level == 3 or level < first_block:
             return WalkFault(_F_TRANSLATION, stage, level, _IN, ipa)  # reserved encoding
         break  # block
 
@@ -217,8 +219,8 @@ def walk_raw(
             desc,
             pa,
             tuple(path),
-            bool(desc & _S2AP_R),
-            bool(desc & _S2AP_W),
+            desc & _S2AP_R != 0,
+            desc & _S2AP_W != 0,
             True,
             execute,
             execute,
@@ -235,12 +237,12 @@ def walk_raw(
         executable = priv_executable = not (desc & _UXN or table_bits & _XNTABLE)
         global_entry = True
     else:
-        unpriv = bool(desc & _AP_EL0) and not table_bits & _APTABLE_NO_EL0
+        unpriv = desc & _AP_EL0 != 0 and not table_bits & _APTABLE_NO_EL0
         executable = not (desc & _UXN or table_bits & _XNTABLE)
         # VMSAv8-64 treats every EL0-writable region as PXN.
         priv_executable = not (desc & _PXN or table_bits & _PXNTABLE or (unpriv and writable))
         global_entry = not desc & _NG
-    if cfg.wxn and writable:
+    if writable and cfg.wxn:
         executable = priv_executable = False
     return (
         address & -size,
@@ -258,6 +260,33 @@ def walk_raw(
         global_entry,
         (desc >> _ATTRINDX_LO) & _ATTRINDX_MASK,
     )
+
+
+def _geometry(cfg: WalkConfig) -> tuple[int, ...]:
+    """What every walk of ``cfg`` starts from, computed once per configuration and kept on it."""
+    gshift = cfg.granule.shift
+    stride = gshift - 3
+    output_bits = cfg.output_bits
+    oa52 = gshift == 16 and output_bits > 48
+    # Blocks: 4 KiB at L1/L2; 16/64 KiB at L2 only, plus L1 for 64 KiB with a 52-bit OA.
+    first_block_level = 1 if gshift == 12 or oa52 else 2
+    table_mask = _OA_END - (1 << gshift)
+    level = cfg.start_level
+    input_bits = cfg.input_bits
+    # The start-level table resolves input bits [input_bits-1 : shift], spanning every
+    # concatenated table; its base is aligned to its size (the low TTB bits are treated as zero).
+    shift = gshift + (3 - level) * stride
+    entries = cfg.concatenated << stride
+    if input_bits - shift < stride:
+        entries = 1 << (input_bits - shift) if input_bits > shift else 1
+    # With a 52-bit OA the start table is at least 64-byte aligned (IHI 0070 CD.TTB0).
+    table = cfg.ttb & -(entries << 3 if not oa52 or entries >= 8 else 64)
+    geometry = (
+        cfg.stage, level, input_bits, stride, output_bits, oa52, first_block_level, table_mask, shift,
+        entries - 1, table,
+    )  # fmt: skip
+    object.__setattr__(cfg, "geometry", geometry)  # a derived cache on a frozen configuration
+    return geometry
 
 
 def check_permission(leaf: WalkLeaf, stage: int, is_write: bool, privileged: bool, instruction: bool) -> bool:
