@@ -151,23 +151,22 @@ def walk_raw(
     and descriptor reads in ``ram`` done inline. Descriptors are 8-byte aligned: never split."""
     page_of, ram_first, ram_last = ram
     geometry = cfg.geometry or _geometry(cfg)
-    stage, level, input_bits, stride, output_bits, oa52, first_block, table_mask, shift, start_mask, table = (
-        geometry
-    )
+    (stage, level, input_bits, stride, output_bits, oa52, first_block, table_mask, shift3, mask8, table,
+     next8) = geometry  # fmt: skip
     # Stage-2 faults report the IPA being translated; stage 1 has none.
     ipa = address if stage == 2 else 0
     if address >> input_bits:
         return WalkFault(_F_TRANSLATION, stage, level, _IN, ipa)
-    index = (address >> shift) & start_mask
-    entry_mask = (1 << stride) - 1
+    # Byte offset of the descriptor in its table: the level's index bits, shifted left by 3.
+    offset = (address >> shift3) & mask8
 
     path: list[int] = []
     table_bits = 0  # OR of every table descriptor on the way (only bits [62:59] are used)
     while True:
         if translate_table is None:
-            pa = table + (index << 3)
+            pa = table + offset
         else:
-            translated = translate_table(table + (index << 3))
+            translated = translate_table(table + offset)
             if isinstance(translated, WalkFault):
                 return translated
             pa = translated
@@ -193,14 +192,14 @@ def walk_raw(
             table_bits |= desc
             table = next_table
             level += 1
-            shift -= stride
-            index = (address >> shift) & entry_mask
+            shift3 -= stride
+            offset = (address >> shift3) & next8
             continue
         if level == 3 or level < first_block:
             return WalkFault(_F_TRANSLATION, stage, level, _IN, ipa)  # reserved encoding
         break  # block
 
-    size = 1 << shift
+    size = 8 << shift3
     output = desc & (_OA_END - size)
     if oa52:
         output |= (desc & _OA_HI) << _OA_HI_SHIFT
@@ -282,8 +281,8 @@ def _geometry(cfg: WalkConfig) -> tuple[int, ...]:
     # With a 52-bit OA the start table is at least 64-byte aligned (IHI 0070 CD.TTB0).
     table = cfg.ttb & -(entries << 3 if not oa52 or entries >= 8 else 64)
     geometry = (
-        cfg.stage, level, input_bits, stride, output_bits, oa52, first_block_level, table_mask, shift,
-        entries - 1, table,
+        cfg.stage, level, input_bits, stride, output_bits, oa52, first_block_level, table_mask, shift - 3,
+        (entries - 1) << 3, table, ((1 << stride) - 1) << 3,
     )  # fmt: skip
     object.__setattr__(cfg, "geometry", geometry)  # a derived cache on a frozen configuration
     return geometry
