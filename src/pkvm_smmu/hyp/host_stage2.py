@@ -57,6 +57,8 @@ class HostStage2:
         mp = self.mem_protect
         owner = mp.owner_of(pfn)
         if owner.kind == "hyp" and not mp.is_memory(pfn):
+            # Markers around the handling, so checkers can tell what one trap did (double fetches).
+            self._mark("trap.begin", address, size, is_write)
             for handler in self._handlers:
                 result = handler.handle_host_dabt(address, size, is_write, value)
                 if result is not None:
@@ -69,7 +71,9 @@ class HostStage2:
                             direction="write" if is_write else "read",
                             value=value if is_write else result,
                         )
+                    self._mark("trap.end", address, size, is_write)
                     return 0 if is_write else result
+            self._mark("trap.end", address, size, is_write)
             reason = f"stage-2 fault: MMIO page {pfn:#x} owned by hyp, access not handled"
         else:
             reason = f"stage-2 fault: page {pfn:#x} owned by {owner}"
@@ -83,6 +87,10 @@ class HostStage2:
                 owner=str(owner),
             )
         return CpuFault(address, is_write, reason)
+
+    def _mark(self, kind: str, address: int, size: int, is_write: bool) -> None:
+        if self.trace.enabled:
+            self.trace.emit("hyp", kind, address=address, size=size, direction="write" if is_write else "read")
 
     def allows_bulk(self, address: int, length: int, is_write: bool) -> bool:
         owners = self._owner_map
