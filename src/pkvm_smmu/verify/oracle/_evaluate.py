@@ -201,7 +201,7 @@ class Evaluator:
     ) -> list[Violation]:
         users = _tag_index(tables, caches)
         out = []
-        for entry in state.hot.values():
+        for _, entry in sorted(state.hot.items()):
             vm = entry.vmid if entry.world == WORLD_EL1 else -1
             kind = entry.kind
             asid = None if kind is TranslationKind.S2 else entry.asid
@@ -266,17 +266,16 @@ def _sort_key(v: Violation) -> tuple[object, ...]:
 
 
 def _assemble(parts: list[list[Violation]]) -> list[Violation]:
-    """Every violation once (the first path found wins: memory before caches before the TLB)."""
-    seen: set[tuple[object, ...]] = set()
-    out = []
-    for part in parts:
+    """Every violation once: for the same stream, range and owner, the path from the earliest
+    source (registers, stream table, caches, TLB) wins, the smallest path among equals."""
+    best: dict[tuple[object, ...], tuple[int, Violation]] = {}
+    for rank, part in enumerate(parts):
         for v in part:
             key = (v.smmu, v.actor, v.sid, v.ssid, v.access, v.start, v.size, v.owner)
-            if key not in seen:
-                seen.add(key)
-                out.append(v)
-    out.sort(key=_sort_key)
-    return out
+            found = best.get(key)
+            if found is None or (rank, v.path) < (found[0], found[1].path):
+                best[key] = (rank, v)
+    return sorted((v for _, v in best.values()), key=_sort_key)
 
 
 __all__ = ["Evaluator"]

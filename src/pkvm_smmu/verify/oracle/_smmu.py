@@ -96,6 +96,14 @@ class Snapshot:
     def maybe_disabled(self) -> bool:
         return not self.cr0 & self.cr0ack & _SMMUEN
 
+    def smmuen_text(self) -> str:
+        now, ack = self.cr0 & _SMMUEN, self.cr0ack & _SMMUEN
+        if now and ack:
+            return "SMMU_CR0.SMMUEN=1"
+        if now:
+            return "SMMU_CR0.SMMUEN=1, not yet acknowledged"
+        return "SMMU_CR0ACK.SMMUEN=1, being cleared" if ack else "SMMU_CR0.SMMUEN=0"
+
     def maybe_on(self, bit: int) -> bool:
         return bool((self.cr0 | self.cr0ack) & bit)
 
@@ -227,7 +235,8 @@ class SmmuReach:
         signature = (
             snap.reg(Reg.STRTAB_BASE),
             snap.reg(Reg.STRTAB_BASE_CFG),
-            snap.maybe_enabled,
+            snap.cr0 & _SMMUEN,
+            snap.cr0ack & _SMMUEN,
             snap.ats_modes(),
         )
         return self.memo.get(("tables", self.name), lambda: self._tables(snap), signature=signature)
@@ -249,7 +258,7 @@ class SmmuReach:
             return EMPTY
         base, log2size, split = self.strtab_geometry(snap)
         head = (
-            f"SMMU_CR0={snap.cr0:#x} (CR0ACK={snap.cr0ack:#x}): SMMUEN=1",
+            snap.smmuen_text(),
             f"{_text(Reg.STRTAB_BASE, snap.reg(Reg.STRTAB_BASE))} "
             f"{_text(Reg.STRTAB_BASE_CFG, snap.reg(Reg.STRTAB_BASE_CFG))}",
         )
