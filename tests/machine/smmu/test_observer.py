@@ -7,10 +7,12 @@ import os
 import sys
 from dataclasses import dataclass
 
+from pkvm_smmu.arch.events import EventType
 from pkvm_smmu.machine.devices import DmaEndpoint
 from pkvm_smmu.machine.smmu.decode import ContextConfig, StreamConfig
 from pkvm_smmu.machine.smmu.tlb import TlbEntry
 from pkvm_smmu.machine.smmu.types import Outcome, Transaction, TranslationKind, TranslationResult
+from pkvm_smmu.pgtable import Prot
 from pkvm_smmu.trace.bus import TraceEvent
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -69,8 +71,8 @@ def test_observer_sees_the_cached_structures_a_dma_used() -> None:
     assert len(cached) == 2
     for seen, entry in zip(recorder.seen, cached, strict=True):
         assert seen.stream is stream and seen.context is context
-        assert seen.entry is entry  # the very entry the TLB holds, with its source descriptors
         assert entry.kind is TranslationKind.S1 and len(entry.sources) == 4
+        assert seen.entry is entry  # the very entry the TLB holds, with its source descriptors
         assert seen.result.outcome is Outcome.OK
         assert seen.result.output_address == buf + (seen.txn.address - IOVA)
 
@@ -137,3 +139,30 @@ def test_tlb_hits_and_misses_reach_the_trace() -> None:
     kinds = [(e.kind, e.fields["address"]) for e in events if e.kind.startswith("tlb.")]
     assert kinds == [("tlb.hit", IOVA), ("tlb.miss", IOVA + 4096)]
     assert events[0].fields["sid"] == SID
+
+
+def override_stream(h: SmmuHarness, prot: int, **ste_fields: int) -> None:
+    pt = h.s1_table()
+    map_pages(pt, IOVA, h.buffer(), 4096, prot)
+    cds = h.cd_table()
+    h.write_cd(cds, 0, h.cd(pt, asid=3))
+    h.write_ste(SID, h.ste_s1(cds, **ste_fields))
+
+
+def test_micro_tlb_keeps_instcfg_a_read_is_still_an_instruction_fetch() -> None:
+    # INSTCFG=0b11: every read is an instruction fetch. A write (always data) must not let a later
+    # read of the same page skip the execute check.
+    h = harness()
+    override_stream(h, Prot.READ | Prot.WRITE | Prot.NOEXEC, INSTCFG=3)
+    assert h.smmu.translate(Transaction(SID, IOVA, 8, True)).outcome is Outcome.OK
+    assert h.smmu.translate(Transaction(SID, IOVA, 8, False)).outcome is Outcome.ABORT
+    assert h.one_event()[0] is EventType.F_PERMISSION
+
+
+def test_micro_tlb_keeps_privcfg_an_unprivileged_device_is_still_privileged() -> None:
+    # PRIVCFG=0b11: every access is privileged, whatever PnU the device sends.
+    h = harness()
+    override_stream(h, Prot.READ | Prot.WRITE | Prot.PRIV, PRIVCFG=3)
+    for privileged in (True, False, True, False):
+        result = h.smmu.translate(Transaction(SID, IOVA, 8, False, privileged=privileged))
+        assert result.outcome is Outcome.OK

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from pkvm_smmu.arch.events import EVENT_FIELDS, EventType, FaultClass, build_event
 from pkvm_smmu.arch.registers import CR0, GBPA
-from pkvm_smmu.arch.strtab import Eats, S1Dss, SteConfig
+from pkvm_smmu.arch.strtab import Eats, Instcfg, S1Dss, SteConfig
 from pkvm_smmu.machine.bus import ExternalAbort, Initiator, InitiatorKind
 from pkvm_smmu.machine.smmu.config import ConfigFault
 from pkvm_smmu.machine.smmu.decode import ContextConfig, StreamConfig
@@ -44,6 +44,7 @@ _TOP_BYTE_MASK = (1 << 56) - 1
 _TOP_BYTE = 0xFF << 56
 _ALL_ONES_64 = (1 << 64) - 1
 _SMMUEN = CR0.SMMUEN.in_place_mask
+_INSTCFG_INSTR = int(Instcfg.INSTR)
 _OK = Outcome.OK
 _ABORT = TranslationResult(Outcome.ABORT)
 _S1 = TranslationKind.S1
@@ -222,6 +223,10 @@ class Translator:
             address=txn.address,
         )
 
+    def _trace_walk(self, sid: int, stage: int, path: tuple[int, ...]) -> None:
+        """One table walk that reached a leaf: ``levels`` descriptors read (cost models count them)."""
+        self._trace.emit(self.smmu.name, "walk", sid=sid, stage=stage, levels=len(path))
+
     # -- disabled, bypass, ATS Translated -------------------------------------------------------
     def _disabled_or_ats_translated(self, txn: Transaction) -> TranslationResult:
         self._used_stream = self._used_context = self._used_entry = None
@@ -398,6 +403,8 @@ class Translator:
                 input_base, output_base, level, size, _, _, path, read, write, unpriv, x, px, glob, attr = (
                     walked
                 )
+                if self._trace.enabled:
+                    self._trace_walk(sid, 1, path)
                 # Positional, in TlbEntry's field order: keywords cost as much as the walk's reads.
                 entry = TlbEntry(
                     _S1, stream.world, stream.vmid, None if glob else context.asid,
@@ -425,8 +432,15 @@ class Translator:
             return self._report(txn, _Fault(EventType.F_PERMISSION, 2, ipa=ipa, record=stream.s2_record))
         if self._answering_ats:
             self._ats_ipa = entry.ipa_base + (tlb_va - entry.input_base)
-        # The micro-TLB answers with entry's own offset: not for tagged (TBI) addresses.
-        if tlb_va == va and not instruction and privileged == txn.privileged and self._observer is None:
+        # The micro-TLB answers with the entry's own offset (not for tagged, TBI, addresses) and
+        # checks the incoming PnU and InD: not where PRIVCFG / INSTCFG would decide otherwise.
+        if (
+            tlb_va == va
+            and not instruction
+            and privileged == txn.privileged
+            and stream.instcfg != _INSTCFG_INSTR
+            and self._observer is None
+        ):
             micro = self._micro_tlb
             if len(micro) >= _MICRO_TLB_MAX:
                 micro.clear()
@@ -466,6 +480,8 @@ class Translator:
         if isinstance(result, WalkFault):
             return _stage1_walk_fault(result, stream, context)
         input_base, output_base, level, s1_size, _, _, path, read, write, unpriv, x, px, glob, attr = result
+        if self._trace.enabled:
+            self._trace_walk(sid, 1, path)
         ipa = output_base + (reduced - input_base)
         s2 = lookup_s2(world, vmid, ipa)
         if s2 is None:
@@ -503,6 +519,8 @@ class Translator:
         if isinstance(result, WalkFault):
             return result
         input_base, output_base, level, size, _, _, path, readable, writable, _, x, _, _, attr = result
+        if self._trace.enabled:
+            self._trace_walk(sid, 2, path)
         entry = TlbEntry(
             _S2, stream.world, stream.vmid, None, input_base, size, output_base, readable, writable,
             True, x, x, attr, level, path, input_base,
@@ -547,7 +565,13 @@ class Translator:
         permitted = entry.writable if txn.is_write else entry.executable if instruction else entry.readable
         if not permitted:
             return self._report(txn, _Fault(EventType.F_PERMISSION, 2, ipa=ipa, record=stream.s2_record))
-        if not instruction and not txn.ats_translated and self._observer is None:
+        # INSTCFG: reads that are instruction fetches must not be answered by the micro-TLB.
+        if (
+            not instruction
+            and not txn.ats_translated
+            and stream.instcfg != _INSTCFG_INSTR
+            and self._observer is None
+        ):
             micro = self._micro_tlb
             if len(micro) >= _MICRO_TLB_MAX:
                 micro.clear()
