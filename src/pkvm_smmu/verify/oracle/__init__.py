@@ -7,7 +7,7 @@ host may access (DESIGN.md: no device DMA ever reaches memory its owner may not 
 
 from pkvm_smmu.verify.oracle._items import Violation
 from pkvm_smmu.verify.oracle._observed import AccessMonitor, ObservedViolation
-from pkvm_smmu.verify.oracle._oracle import IsolationOracle, hyp_structures
+from pkvm_smmu.verify.oracle._oracle import HypSmmuDriver, IsolationOracle, hyp_structures
 from pkvm_smmu.verify.oracle._ownership import (
     DeclaredStructures,
     HostOwnership,
@@ -20,6 +20,7 @@ __all__ = [
     "AccessMonitor",
     "DeclaredStructures",
     "HostOwnership",
+    "HypSmmuDriver",
     "IsolationOracle",
     "NoHypervisor",
     "ObservedViolation",

@@ -130,12 +130,19 @@ class Evaluator:
         self._groups[(scope.name, name)] = (group, self._generation, violations)
         return violations
 
-    def _intersect(self, runs: Runs, forbidden: Forbidden, which: str) -> list[tuple[int, int, str, int]]:
+    def _intersect(
+        self, runs: Runs, forbidden: Forbidden, which: str, only: int = 0
+    ) -> list[tuple[int, int, str, int]]:
+        """``forbidden.intersect(runs)``, remembered per Runs object; with ``only``, the runs
+        that are exactly READ or carry WRITE (the SMMU's own reads and writes)."""
         key = (runs, which)
         found = self._intersections.get(key)
         if found is None:
             if len(self._intersections) > 65536:
                 self._intersections.clear()
+            if only:
+                want_write = only == WRITE
+                runs = Runs(tuple(run for run in runs.items if bool(run[2] & WRITE) == want_write))
             found = self._intersections[key] = forbidden.intersect(runs)
         return found
 
@@ -143,9 +150,8 @@ class Evaluator:
         if reach.actor == DEVICE:
             parts = self._intersect(reach.runs, forbidden.device, "device")
         else:
-            reads = Runs(tuple(run for run in reach.runs.items if not run[2] & WRITE))
-            writes = Runs(tuple(run for run in reach.runs.items if run[2] & WRITE))
-            parts = forbidden.smmu_read.intersect(reads) + forbidden.smmu_write.intersect(writes)
+            parts = self._intersect(reach.runs, forbidden.smmu_read, "smmu-read", READ)
+            parts = parts + self._intersect(reach.runs, forbidden.smmu_write, "smmu-write", WRITE)
         out = []
         for start, end, owner, perms in parts:
             path = reach.path
@@ -174,18 +180,28 @@ class Evaluator:
         tlb = scope.smmu.tlb
         signature = (tlb.generation, len(tlb))
         forbidden = self._forbidden[scope.name].device
-        if state.generation != self._generation or state.signature[0] != signature[0]:
-            state.hot = {entry.seq: entry for entry in tlb.entries() if _reaches(entry, forbidden)}
-            state.last_seq = max((entry.seq for entry in tlb.entries()), default=0)
+        if state.generation != self._generation:
+            entries = tuple(tlb.entries())
+            state.hot = {entry.seq: entry for entry in entries if _reaches(entry, forbidden)}
+            state.last_seq = entries[-1].seq if entries else 0
             state.changes += 1
         elif state.signature != signature:
-            for entry in reversed(tuple(tlb.entries())):
+            # Entries only come (with a higher seq) and go (no longer alive): a replaced or
+            # re-filled translation is a new entry.
+            if signature[0] != state.signature[0]:
+                alive = {seq: entry for seq, entry in state.hot.items() if entry.alive}
+                if len(alive) != len(state.hot):
+                    state.hot = alive
+                    state.changes += 1
+            entries = tuple(tlb.entries())
+            for entry in reversed(entries):
                 if entry.seq <= state.last_seq:
                     break
                 if _reaches(entry, forbidden):
                     state.hot[entry.seq] = entry
                     state.changes += 1
-            state.last_seq = max(state.last_seq, max((entry.seq for entry in tlb.entries()), default=0))
+            if entries:
+                state.last_seq = max(state.last_seq, entries[-1].seq)
         state.signature = signature
         state.generation = self._generation
         if not snap.maybe_enabled:

@@ -18,11 +18,13 @@ _NO_SIGNATURE = object()
 
 
 class _Entry:
-    __slots__ = ("children", "key", "pages", "parents", "signature", "value")
+    __slots__ = ("args", "children", "compute", "key", "pages", "parents", "signature", "value")
 
     def __init__(self, key: Hashable, signature: object) -> None:
         self.key = key
         self.signature = signature
+        self.compute: Callable[..., Any] | None = None  # kept for an early cut-off
+        self.args: tuple[Any, ...] = ()
         self.value: Any = None
         self.pages: set[int] = set()
         self.parents: set[Hashable] = set()
@@ -40,33 +42,50 @@ class DependencyMemo:
         return len(self._entries)
 
     def get(
-        self, key: Hashable, compute: Callable[..., T], *args: Any, signature: object = _NO_SIGNATURE
+        self,
+        key: Hashable,
+        compute: Callable[..., T],
+        *args: Any,
+        signature: object = _NO_SIGNATURE,
+        cutoff: bool = False,
     ) -> T:
-        """The value for ``key``: remembered, or ``compute(*args)`` (recording what it reads)."""
+        """The value for ``key``: remembered, or ``compute(*args)`` (recording what it reads).
+
+        ``cutoff``: when something this value depends on changes, recompute it at once and keep
+        the values that used it if it comes out equal (for small values many others depend on).
+        """
         entry = self._entries.get(key)
         if entry is not None and entry.signature is not signature and entry.signature != signature:
             self._drop(key)
             entry = None
         if entry is None:
-            entry = _Entry(key, signature)
-            self._computing.append(entry)
-            try:
-                entry.value = compute(*args)
-            finally:
-                self._computing.pop()
-            self._entries[key] = entry
-            by_page = self._by_page
-            for page in entry.pages:
-                keys = by_page.get(page)
-                if keys is None:
-                    by_page[page] = {key}
-                else:
-                    keys.add(key)
+            entry = self._compute(key, signature, compute, args)
+            if cutoff:
+                entry.compute, entry.args = compute, args
         if self._computing:
             parent = self._computing[-1]
             entry.parents.add(parent.key)
             parent.children.add(key)
         return entry.value
+
+    def _compute(
+        self, key: Hashable, signature: object, compute: Callable[..., Any], args: tuple[Any, ...]
+    ) -> _Entry:
+        entry = _Entry(key, signature)
+        self._computing.append(entry)
+        try:
+            entry.value = compute(*args)
+        finally:
+            self._computing.pop()
+        self._entries[key] = entry
+        by_page = self._by_page
+        for page in entry.pages:
+            keys = by_page.get(page)
+            if keys is None:
+                by_page[page] = {key}
+            else:
+                keys.add(key)
+        return entry
 
     def note_pages(self, first: int, last: int) -> None:
         """The value being computed read pages ``first..last`` (inclusive)."""
@@ -107,6 +126,13 @@ class DependencyMemo:
                     keys.discard(entry.key)
                     if not keys:
                         del by_page[page]
+            if entry.compute is not None and not self._computing:
+                fresh = self._compute(entry.key, entry.signature, entry.compute, entry.args)
+                fresh.compute, fresh.args = entry.compute, entry.args
+                if fresh.value == entry.value:
+                    fresh.value = entry.value  # the same object: nothing that used it changes
+                    fresh.parents = entry.parents
+                    continue
             todo.extend(entry.parents)
 
     def sweep(self, roots: Iterable[Hashable]) -> None:

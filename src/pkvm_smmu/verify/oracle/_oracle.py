@@ -13,9 +13,9 @@ Writes that bypass the bus (a test poking ``bus.ram`` directly) are not seen by 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 from pkvm_smmu.hyp.mem_protect import MemProtect
-from pkvm_smmu.hyp.smmuv3.driver import SmmuV3HypDriver
 from pkvm_smmu.machine.bus import Access, SystemBus
 from pkvm_smmu.machine.memory import PAGE_SHIFT
 from pkvm_smmu.machine.smmu.device import SmmuV3
@@ -36,7 +36,18 @@ class _NoStructures:
     writes: tuple[tuple[int, int, str], ...] = ()
 
 
-def hyp_structures(driver: SmmuV3HypDriver, smmu: SmmuV3) -> StructuresSource:
+class HypSmmu(Protocol):
+    def smmu_structures(self) -> DeclaredStructures: ...
+
+
+class HypSmmuDriver(Protocol):
+    """A hyp SMMU driver (``SmmuV3HypDriver``, the pv drivers): the SMMU it took over at an MMIO
+    base, which declares its own structures."""
+
+    def smmu_at(self, mmio_base: int) -> HypSmmu | None: ...
+
+
+def hyp_structures(driver: HypSmmuDriver, smmu: SmmuV3) -> StructuresSource:
     """What ``driver`` declares for the SMMU at ``smmu.base``, asked afresh at every check."""
 
     def structures() -> DeclaredStructures:
@@ -84,7 +95,7 @@ class IsolationOracle:
         bus: SystemBus,
         smmus: Sequence[SmmuV3],
         mem_protect: MemProtect,
-        driver: SmmuV3HypDriver,
+        driver: HypSmmuDriver,
         *,
         observe: bool = False,
     ) -> IsolationOracle:
@@ -133,4 +144,4 @@ class IsolationOracle:
             self._dirty.update(p for p in range(page + 1, last + 1) if p in watched)
 
 
-__all__ = ["IsolationOracle", "hyp_structures"]
+__all__ = ["HypSmmuDriver", "IsolationOracle", "hyp_structures"]

@@ -29,7 +29,7 @@ from pkvm_smmu.arch.registers import (
     StrtabFmt,
 )
 from pkvm_smmu.arch.strtab import STE_SIZE
-from pkvm_smmu.machine.smmu.decode import StreamConfig, decode_cd, decode_ste
+from pkvm_smmu.machine.smmu.decode import StreamConfig
 from pkvm_smmu.machine.smmu.device import SmmuV3
 from pkvm_smmu.verify.oracle._items import DEVICE, SMMU, Reach
 from pkvm_smmu.verify.oracle._memo import DependencyMemo
@@ -281,7 +281,9 @@ class SmmuReach:
 
     # -- what the SMMU still holds ------------------------------------------------------------------
     def caches(self, snap: Snapshot, tables: Group) -> Group:
-        signature = (self.cache_signature(), snap.maybe_enabled, snap.ats_modes(), tables)
+        # What the group uses of the tables group: the STE each StreamID has in memory.
+        memory_stes = tuple((sid, cfg.ste, cfg.address) for sid, cfg in tables.stream_configs.items())
+        signature = (self.cache_signature(), snap.maybe_enabled, snap.ats_modes(), memory_stes)
         return self.memo.get(("caches", self.name), lambda: self._caches(snap, tables), signature=signature)
 
     def _caches(self, snap: Snapshot, tables: Group) -> Group:
@@ -367,7 +369,7 @@ class _GroupBuilder:
 
     def add_stes(self, found: tuple[tuple[int, int, int], ...], origin: tuple[str, ...]) -> None:
         for sid, ste, address in found:
-            cfg = decode_ste(sid, ste, address, (address,), self.features)
+            cfg = self.streams.decode_ste(sid, ste, address)
             self.configs.setdefault(sid, cfg)
             self.add_stream(cfg, origin)
 
@@ -385,7 +387,7 @@ class _GroupBuilder:
         self, stream: StreamConfig, found: tuple[tuple[int, int, int], ...], origin: tuple[str, ...]
     ) -> None:
         for index, value, address in found:
-            ctx = decode_cd(stream.sid, index, value, address, (address,), self.features, stream.world)
+            ctx = self.streams.decode_cd(stream.sid, index, value, address, stream.world)
             self.add_result(self.streams.context(stream, ctx, origin), stream.sid)
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from pkvm_smmu.arch.strtab import CD, CD_SIZE, L1CD, L1STD, STE_SIZE, Eats, S1Dss, SteConfig
 from pkvm_smmu.machine.memory import PAGE_SIZE
-from pkvm_smmu.machine.smmu.decode import WORLD_EL1, ContextConfig, StreamConfig, decode_cd
+from pkvm_smmu.machine.smmu.decode import WORLD_EL1, ContextConfig, StreamConfig, decode_cd, decode_ste
 from pkvm_smmu.machine.smmu.features import SmmuFeatures
 from pkvm_smmu.machine.smmu.types import TranslationKind, WalkConfig
 from pkvm_smmu.verify.oracle._items import DEVICE, SMMU, Reach, WalkRef
@@ -107,6 +107,27 @@ class StreamReacher:
         self.walker = walker
         self.memory = memory
         self.memo = memo
+        # Decoding is a pure function of the raw entry; the same entries come back at every step.
+        self._stes: dict[tuple[int, int, int], StreamConfig] = {}
+        self._cds: dict[tuple[int, int, int, int, str], ContextConfig] = {}
+
+    def decode_ste(self, sid: int, ste: int, address: int) -> StreamConfig:
+        key = (sid, ste, address)
+        found = self._stes.get(key)
+        if found is None:
+            if len(self._stes) > 65536:
+                self._stes.clear()
+            found = self._stes[key] = decode_ste(sid, ste, address, (address,), self.features)
+        return found
+
+    def decode_cd(self, sid: int, index: int, cd: int, address: int, world: str) -> ContextConfig:
+        key = (sid, index, cd, address, world)
+        found = self._cds.get(key)
+        if found is None:
+            if len(self._cds) > 65536:
+                self._cds.clear()
+            found = self._cds[key] = decode_cd(sid, index, cd, address, (address,), self.features, world)
+        return found
 
     # -- tables of 64-byte entries and of 8-byte descriptors -----------------------------------------
     def entries(
@@ -281,7 +302,7 @@ class StreamReacher:
                 step = "CD table memory is MMIO: its CDs are whatever the device returns"
                 reaches.append(Reach(DEVICE, sid, None, unstaged, (*path, step), stage1_skipped))
             for index, value, address in found:
-                ctx = decode_cd(sid, index, value, address, (address,), self.features, cfg.world)
+                ctx = self.decode_cd(sid, index, value, address, cfg.world)
                 result = self.context(cfg, ctx, tuple(path))
                 reaches.extend(result.reaches)
                 tags.update(result.tags)

@@ -20,6 +20,7 @@ from array import array
 from dataclasses import dataclass
 from functools import lru_cache
 from sys import byteorder
+from typing import Any
 
 from pkvm_smmu.arch.vmsa import S1_LEAF, S2_LEAF, TABLE_DESC
 from pkvm_smmu.machine.memory import PAGE_SIZE
@@ -41,6 +42,7 @@ _S2AP_W = 1 << S2_LEAF.S2AP.hi
 _S2_XN = 1 << S2_LEAF.XN.hi
 _SWAP = byteorder != "little"
 _PER_ENTRY_BELOW = 8  # segments this short are decoded entry by entry
+_GROUP = 32  # entries of a table joined as one memo value
 
 MapRun = tuple[int, int, int, int]  # input, output, size, perms
 
@@ -242,7 +244,9 @@ class TreeWalker:
         """The stage-2 mapping of the page at ``page``: its pieces, or DEVICE_DEFINED. Depends only
         on the tables its walk reads."""
         ids = (self.config_id(stage2), 0)
-        return self.memo.get(("s2-page", ids, page), lambda: self._translate_page(stage2, ids, page))
+        # Early cut-off: a table the walk read changed, but if this page still translates the
+        # same, what was derived from the translation (a nested stage 1) stays valid.
+        return self.memo.get(("s2-page", ids, page), self._translate_page, stage2, ids, page, cutoff=True)
 
     def translate(self, stage2: WalkConfig, start: int, length: int) -> Translation:
         """``translate_page`` over ``[start, start + length)``."""
@@ -313,14 +317,47 @@ class TreeWalker:
         read_only: bool,
     ) -> Tree:
         parsed = self._table(cfg, stage2, ids, table, level, base, entries, read_only)
+        items = parsed.items
+        if len(items) <= _GROUP:
+            return self._join_items(cfg, stage2, ids, level, items, parsed.reads, parsed.device_defined)
+        # Joined in groups, each a memo value: a change below one entry re-joins its group and
+        # the groups, not every entry of a table mapping a gigabyte.
         pieces: list[MapRun] = []
         reads = list(parsed.reads)
         device = list(parsed.device_defined)
+        node = (ids, table, level, base, entries, read_only)
+        for first in range(0, len(items), _GROUP):
+            group = self.memo.get(("group", node, first), self._join_group, cfg, stage2, node, first)
+            pieces.extend(group.runs)
+            reads.extend(group.reads)
+            device.extend(group.device_defined)
+        return Tree(_coalesce_runs(pieces), _coalesce_ranges(reads), tuple(device))
+
+    def _join_group(
+        self, cfg: WalkConfig, stage2: WalkConfig | None, node: tuple[Any, ...], first: int
+    ) -> Tree:
+        ids, table, level, base, entries, read_only = node
+        parsed = self._table(cfg, stage2, ids, table, level, base, entries, read_only)
+        return self._join_items(cfg, stage2, ids, level, parsed.items[first : first + _GROUP], (), ())
+
+    def _join_items(
+        self,
+        cfg: WalkConfig,
+        stage2: WalkConfig | None,
+        ids: tuple[int, int],
+        level: int,
+        items: tuple[MapRun | _Next, ...],
+        own_reads: tuple[tuple[int, int], ...],
+        own_device: tuple[int, ...],
+    ) -> Tree:
+        pieces: list[MapRun] = []
+        reads = list(own_reads)
+        device = list(own_device)
         child_entries = 1 << (cfg.granule.shift - 3)
         get = self.memo.get
         join = self._join
         child_level = level + 1
-        for item in parsed.items:
+        for item in items:
             if isinstance(item, _Next):
                 key = ("subtree", ids, item.table, child_level, item.base, child_entries, item.read_only)
                 child = get(key, join, cfg, stage2, ids, item.table, child_level, item.base, child_entries,
