@@ -40,7 +40,7 @@ def run(*args: str) -> tuple[int, str]:
 
 
 def test_run_prints_the_boot_sequence_and_the_report() -> None:
-    code, out = run("--seed", "4")
+    code, out = run("--design", "native", "--seed", "4")
     assert code == 0, out
     for title in ("Boot and probe sequence", "Devices", "Domains", "DMA workload", "Translations",
                   "Faults logged by arm-smmu-v3", "Commands consumed"):  # fmt: skip
@@ -63,7 +63,7 @@ def test_run_on_qemu_virt_with_devices_and_cmdline() -> None:
 
 def test_trace_files(tmp_path: Path) -> None:
     chrome, jsonl = tmp_path / "run.json", tmp_path / "run.jsonl"
-    code, out = run("--trace", str(chrome), "--trace-jsonl", str(jsonl), "--seed", "9")
+    code, out = run("--design", "native", "--trace", str(chrome), "--trace-jsonl", str(jsonl), "--seed", "9")
     assert code == 0, out
     doc = json.loads(chrome.read_text())
     assert doc["displayTimeUnit"] == "ns" and doc["metadata"]["seed"] == 9

@@ -13,6 +13,7 @@ from pkvm_smmu.scenarios import DEFAULT_DESIGN, DESIGNS
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from pkvm_smmu.scenarios.pkvm_report import PkvmRunReport
     from pkvm_smmu.scenarios.report import RunReport
 
 
@@ -107,7 +108,25 @@ def _check_output(path: str | None, option: str) -> None:
     "--boot-variant",
     default="none",
     metavar="NAME",
-    help="How the host's drivers meet pKVM's init (pv-identity: three-drivers or impl-hooks).",
+    help="How the host's drivers meet pKVM's init (trap-emulate: late-register (default), defer, "
+    "aux-device, child-platform, naive; pv-identity: three-drivers or impl-hooks).",
+)
+@click.option(
+    "--policy",
+    default="v4",
+    show_default=True,
+    metavar="NAME",
+    help="The hyp's SMMUv3 emulation policy (trap-emulate).",
+)
+@click.option(
+    "--no-pkvm", "no_pkvm", is_flag=True, help="Boot without kvm-arm.mode=protected: pKVM stays off."
+)
+@click.option(
+    "--pkvm-fail",
+    "pkvm_fail",
+    metavar="HOW",
+    help="Make pKVM's initialisation fail (trap-emulate): cntfrq (CNTFRQ_EL0 reads 0) or smmu-stage2 "
+    "(an SMMU without stage 2).",
 )
 @click.option(
     "--cmdline", default="", metavar="ARGS", help='Host kernel command line, e.g. "iommu.strict=0".'
@@ -120,13 +139,21 @@ def run(
     seed: int,
     design: str,
     boot_variant: str,
+    policy: str,
+    no_pkvm: bool,
+    pkvm_fail: str | None,
     cmdline: str,
 ) -> None:
     """Boot a platform, run a DMA workload through the SMMU, and report.
 
+    By default the host boots under pKVM (design trap-emulate) and the same DMA workload runs
+    through the SMMU the hyp emulates; then pages the host mapped for DMA are given to the hyp and
+    to a protected VM, and every device tries to reach them. --design native boots without pKVM.
+
     \b
       pkvm-smmu run
-      pkvm-smmu run --device dma-engine,bdf=00:04.0,ats=on --cmdline iommu.strict=0
+      pkvm-smmu run --boot-variant child-platform
+      pkvm-smmu run --design native --device dma-engine,bdf=00:04.0,ats=on --cmdline iommu.strict=0
       pkvm-smmu run --platform virt.dtb --device dma-engine,bdf=00:02.0 --trace run.json
     """
     from pkvm_smmu.devicetree import DeviceTreeError
@@ -146,6 +173,9 @@ def run(
         boot_variant=boot_variant,
         trace_json=trace_json,
         trace_jsonl=trace_jsonl,
+        policy=policy,
+        pkvm=not no_pkvm,
+        pkvm_fail=pkvm_fail,
     )
     try:
         report = run_scenario(options)
@@ -156,9 +186,10 @@ def run(
     except DeviceTreeError as error:
         raise click.BadParameter(str(error), param_hint="'--platform'") from None
     except ValueError as error:
-        if getattr(error, "option", None) != "--boot-variant":
+        option = getattr(error, "option", None)  # a design's own option error names the option
+        if option is None:
             raise
-        raise click.BadParameter(str(error), param_hint="'--boot-variant'") from None
+        raise click.BadParameter(str(error), param_hint=f"'{option}'") from None
     from rich.console import Console
 
     console = Console()
@@ -175,9 +206,11 @@ def _print_report(console: Console, report: RunReport) -> None:
     from rich.table import Table
 
     meta = report.metadata
+    policy = f"  policy={meta['policy']}" if "policy" in meta else ""
+    pkvm = f"  pkvm={meta['pkvm']}" if "pkvm" in meta else ""
     console.print(
-        f"[bold]pkvm-smmu run[/]  design={meta['design']}  boot-variant={meta['boot_variant']}  "
-        f"platform={meta['platform']}  seed={meta['seed']}  cmdline={meta['cmdline']!r}",
+        f"[bold]pkvm-smmu run[/]  design={meta['design']}{policy}  boot-variant={meta['boot_variant']}"
+        f"{pkvm}  platform={meta['platform']}  seed={meta['seed']}  cmdline={meta['cmdline']!r}",
         highlight=False,
     )
     if "dma_api" in meta:
@@ -268,6 +301,11 @@ def _print_report(console: Console, report: RunReport) -> None:
         commands.add_row(command.smmu, command.opcode, str(command.count))
     console.print(commands)
 
+    from pkvm_smmu.scenarios.pkvm_report import PkvmRunReport
+
+    if isinstance(report, PkvmRunReport):
+        _print_pkvm(console, report)
+
     timing = f"modeled time: boot {report.boot_ns / 1000:.1f} us, total {report.total_ns / 1000:.1f} us"
     if report.ok:
         verified = sum(1 for c in report.copies if c.ok)
@@ -278,3 +316,112 @@ def _print_report(console: Console, report: RunReport) -> None:
         console.print(f"[red]FAILED[/] ({timing}):")
         for problem in report.problems:
             console.print(f"  - {problem}", markup=False, highlight=False)
+
+
+def _print_pkvm(console: Console, report: PkvmRunReport) -> None:
+    """The sections a run under pKVM adds."""
+    from rich.table import Table
+
+    def table(title: str, *columns: str, numeric: int = 0) -> Table:
+        out = Table(title=title, title_justify="left")
+        for index, column in enumerate(columns):
+            out.add_column(column, justify="right" if index >= len(columns) - numeric else "left")
+        return out
+
+    status = report.pkvm
+    if status is None:
+        console.print("pKVM: off (the host did not ask for protected mode)")
+    else:
+        state = {"protected": "[green]protected[/]", "failed": "[red]failed[/]"}.get(
+            status.state, status.state
+        )
+        failure = f" at {status.failure}" if status.failure else ""
+        console.print(
+            f"pKVM: {state}{failure}; carveout {status.carveout_pages} pages at {_hex(status.carveout_base)} "
+            f"({status.iommu_pool_pages} for the IOMMU pool, {status.pool_pages_used} in use)"
+        )
+    for device in report.spawned:
+        console.print(f"pKVM driver created {device}", markup=False, highlight=False)
+
+    boot = table("Isolation after each boot step", "#", "After", "Result")
+    for index, check in enumerate(report.isolation, 1):
+        if not check.protected:
+            result = f"[dim]not promised: {check.note}[/]"
+        elif check.ok:
+            result = "[green]holds[/]"
+        else:
+            result = "[red]" + "; ".join(check.violations) + "[/]"
+        boot.add_row(str(index), check.after, result)
+    console.print(boot)
+
+    if report.iommu_probe_failures or report.without_iommu_ops:
+        refused = table("IOMMU probe refusals", "Device: why")
+        for line in report.iommu_probe_failures:
+            refused.add_row(line)
+        for device in report.without_iommu_ops:
+            refused.add_row(f"[red]{device}: bound without IOMMU ops[/]")
+        console.print(refused)
+
+    traps = table("Traps by register", "SMMU", "Register", "Handling", "Reads", "Writes", numeric=2)
+    for trap in report.traps:
+        traps.add_row(trap.smmu, trap.reg, trap.access, str(trap.reads), str(trap.writes))
+    console.print(traps)
+
+    cmds = table(
+        "Hyp command filter", "Opcode", "Seen", "Passed", "Rewritten", "Dropped", "Hyp's own", numeric=5
+    )
+    for row in report.filter:
+        cmds.add_row(
+            row.opcode, str(row.seen), str(row.passed), str(row.rewritten), str(row.dropped), str(row.hyp)
+        )
+    console.print(cmds)
+
+    stes = ", ".join(f"{how} {count}" for how, count in report.stes) or "none"
+    console.print(f"STEs shadowed: {stes}", highlight=False)
+    idmap = report.idmap
+    if idmap is not None:
+        console.print(
+            f"Identity stage-2: {idmap.pages} table pages, {idmap.entries} leaf entries at build; "
+            f"then {idmap.unmaps} unmaps, {idmap.maps} maps, {idmap.invalidations} invalidations",
+            highlight=False,
+        )
+
+    owners = table(
+        "Ownership changes", "Transition", "Calls", "Pages", "Errors", "Idmap unmapped", "Idmap mapped",
+        "Invalidations", "TLBI/SYNC cmds", numeric=7,
+    )  # fmt: skip
+    for change in report.ownership:
+        owners.add_row(
+            change.transition, str(change.calls), str(change.pages), str(change.errors),
+            _hex(change.idmap_unmapped), _hex(change.idmap_mapped), str(change.invalidations),
+            str(change.tlbi_commands),
+        )  # fmt: skip
+    console.print(owners)
+
+    if report.donation:
+        donation = table(
+            "Guest donation: DMA to pages the host had mapped", "Step", "Page", "Owner", "Devices", "Cached",
+            "DMA", "Expected",
+        )  # fmt: skip
+        rows: dict[tuple[object, ...], list[str]] = {}
+        for dma in report.donation:  # one row per step and page, the devices that fared alike together
+            key = (
+                dma.step,
+                dma.page,
+                dma.owner,
+                dma.cached,
+                dma.reachable,
+                dma.remapped,
+                dma.expected,
+                dma.ok,
+            )
+            rows.setdefault(key, []).append(dma.device)
+        for (step, page, owner, cached, reached, remapped, expected, ok), names in rows.items():
+            seen = ("reached" if reached else "blocked") + (" (identity map restored)" if remapped else "")
+            donation.add_row(
+                str(step), _hex(int(str(page))), str(owner), ", ".join(names), "yes" if cached else "no",
+                f"[{'green' if ok else 'red'}]{seen}[/]", "reachable" if expected else "blocked",
+            )  # fmt: skip
+        console.print(donation)
+    for warning in report.hyp_warnings:
+        console.print(f"[yellow]hyp WARN:[/] {warning}", highlight=False)

@@ -8,13 +8,18 @@ their initcall levels in link order (``drivers/pci`` before ``drivers/dma`` befo
 
 The arm-smmu-v3 driver registers at ``device_initcall`` natively; its level is a parameter because
 under pKVM it registers at ``device_initcall_sync``, once the hypervisor has the SMMU.
+
+``arch`` is the arch code that is not a driver (``host.kvm``): its ``setup_arch`` runs before any
+initcall and before the page allocator hands anything out (memblock reservations such as
+``kvm_hyp_reserve``), and its initcalls are linked before ``drivers/`` (``arch/arm64/kvm``), or
+after them when it says so.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from pkvm_smmu.devicetree import DeviceTree
 from pkvm_smmu.host.arm_smmu_v3 import ArmSmmuDevice, ArmSmmuDomain
@@ -113,6 +118,22 @@ class KernelParams:
         return cls(cmdline=cmdline, iommu=policy, **values)
 
 
+class ArchInit(Protocol):
+    """Arch code the kernel runs besides drivers (see the module docstring)."""
+
+    def setup_arch(self, host: HostKernel) -> None:
+        """Before any initcall, with the page allocator not yet used."""
+        ...
+
+    def arch_initcalls(self, host: HostKernel) -> None:
+        """Register the initcalls linked before ``drivers/``."""
+        ...
+
+    def late_linked_initcalls(self, host: HostKernel) -> None:
+        """Register the initcalls linked after ``drivers/``."""
+        ...
+
+
 @dataclass(frozen=True)
 class DeviceInfo:
     """A device as the kernel knows it, for reports."""
@@ -152,6 +173,7 @@ class HostKernel:
         now_ns: Callable[[], int] | None = None,
         smmu_level: InitcallLevel | str = InitcallLevel.DEVICE,
         modules: bool = True,
+        arch: ArchInit | None = None,
     ) -> None:
         self.cpu = cpu
         self.params = KernelParams.parse(cmdline)
@@ -195,6 +217,9 @@ class HostKernel:
         self.dma_engine = DmaEngineDriver(self.kernel, cpu, self.mm, self.iommu, self.irq)
         self.platform_devices: dict[Hashable, PlatformDevice] = {}
         self.booted = False
+        self.arch = arch
+        if arch is not None:
+            arch.setup_arch(self)
         self.init_irq()
         self.kernel.fwnode_add_links = self._of_fwnode_add_links
         self._register_initcalls()
@@ -234,10 +259,14 @@ class HostKernel:
         populate = self.of_platform_default_populate_init
         k.register_initcall(InitcallLevel.ARCH_SYNC, populate, "of_platform_default_populate_init")
         k.register_initcall(InitcallLevel.SUBSYS, self._iommu_subsys_init, "iommu_subsys_init")
+        if self.arch is not None:
+            self.arch.arch_initcalls(self)  # arch/ links before drivers/
         # Built-in drivers at device_initcall run in link order: drivers/pci, drivers/dma, drivers/iommu.
         self.pci_host.register()
         self.dma_engine.register()
         self.smmu_driver.register()
+        if self.arch is not None:
+            self.arch.late_linked_initcalls(self)
 
     def _iommu_subsys_init(self) -> int:
         self.iommu.iommu_subsys_init()
@@ -362,4 +391,4 @@ class HostKernel:
         return out
 
 
-__all__ = ["CmdlineError", "DeviceInfo", "DomainInfo", "HostKernel", "KernelParams"]
+__all__ = ["ArchInit", "CmdlineError", "DeviceInfo", "DomainInfo", "HostKernel", "KernelParams"]

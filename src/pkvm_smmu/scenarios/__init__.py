@@ -22,8 +22,9 @@ DESIGNS: dict[str, str] = {
     "native": "pkvm_smmu.scenarios.native:run_native",
     "pv-identity": "pkvm_smmu.scenarios.pv:run_pv_identity",
     "pv-paging": "pkvm_smmu.scenarios.pv:run_pv_paging",
+    "trap-emulate": "pkvm_smmu.scenarios.pkvm:run_pkvm",
 }
-DEFAULT_DESIGN = "native"
+DEFAULT_DESIGN = "trap-emulate"
 
 
 def design(name: str) -> Design:

@@ -3,7 +3,8 @@ the machine's interrupt lines and MSIs to the host's IRQ layer."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,11 @@ class RunOptions:
     boot_variant: str = "none"  # how drivers are ordered against pKVM's init; natively there is none
     trace_json: str | None = None  # Chrome/Perfetto trace-event file to write
     trace_jsonl: str | None = None  # JSONL trace to write
+    # Designs with a hypervisor only: its emulation policy, whether the host asks for protected mode
+    # (kvm-arm.mode=protected), and a way to make pKVM's initialisation fail ("cntfrq", "smmu-stage2").
+    policy: str = "v4"
+    pkvm: bool = True
+    pkvm_fail: str | None = None
 
     @property
     def platform_name(self) -> str:
@@ -36,14 +42,19 @@ class RunOptions:
 
     def metadata(self) -> dict[str, Any]:
         """What every trace and report of the run records."""
-        return {
-            "design": self.design,
-            "boot_variant": self.boot_variant,
-            "seed": self.seed,
-            "platform": self.platform_name,
-            "devices": list(self.devices),
-            "cmdline": self.cmdline,
-        }
+        meta: dict[str, Any] = {"design": self.design}
+        trap_emulate = self.design == "trap-emulate"
+        if trap_emulate:  # the policy axis exists only where the hyp emulates the SMMU
+            meta["policy"] = self.policy
+        meta["boot_variant"] = self.boot_variant
+        if trap_emulate:
+            meta["pkvm"] = ("protected" if self.pkvm else "off") + (
+                f", fail:{self.pkvm_fail}" if self.pkvm_fail else ""
+            )
+        meta.update(
+            seed=self.seed, platform=self.platform_name, devices=list(self.devices), cmdline=self.cmdline
+        )
+        return meta
 
 
 def load_platform_tree(platform: str | None) -> DeviceTree:
@@ -60,17 +71,50 @@ def new_trace(clock: Clock, options: RunOptions) -> TraceBus:
     return TraceBus(lambda: clock.now_ns, metadata=options.metadata())
 
 
-def wire_host_interrupts(machine: Machine, irq: HostIrq) -> None:
+class HostIrqMask:
+    """PSTATE.I of the host's CPU as far as the hypervisor is concerned: while the CPU is at EL2
+    (a hypercall), host interrupts stay pending and are taken, once each, when it returns."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self._pending: dict[int, Callable[[], None]] = {}
+
+    @contextmanager
+    def at_el2(self) -> Iterator[None]:
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            while not self.depth and self._pending:
+                number = next(iter(self._pending))
+                self._pending.pop(number)()
+
+    def deliver(self, number: int, handler: Callable[[], None]) -> None:
+        if self.depth:
+            self._pending.setdefault(number, handler)
+        else:
+            handler()
+
+
+def wire_host_interrupts(machine: Machine, irq: HostIrq, mask: HostIrqMask | None = None) -> None:
     """The interrupt controller as the host's irqchip: every line or MSI the host maps is
-    delivered to ``generic_handle_irq`` when the machine raises it."""
+    delivered to ``generic_handle_irq`` when the machine raises it (or, with ``mask``, once the
+    CPU is back from the hypervisor)."""
 
     def connect(mapping: IrqMapping) -> None:
         data = mapping.msi_data
         line = msi_line(data) if data is not None else mapping.hwirq
         number = mapping.irq
 
-        def deliver(_line: str) -> None:
+        def handle() -> None:
             irq.generic_handle_irq(number)
+
+        def deliver(_line: str) -> None:
+            if mask is None:
+                handle()
+            else:
+                mask.deliver(number, handle)
 
         machine.irq.connect(line, deliver)
 
@@ -78,6 +122,7 @@ def wire_host_interrupts(machine: Machine, irq: HostIrq) -> None:
 
 
 __all__ = [
+    "HostIrqMask",
     "RunOptions",
     "load_platform_tree",
     "new_trace",
