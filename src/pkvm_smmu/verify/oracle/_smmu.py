@@ -59,6 +59,7 @@ _SNAPSHOT_REGS = (
     Reg.EVENTQ_IRQ_CFG0,
     Reg.PRIQ_IRQ_CFG0,
 )
+_SNAPSHOT_INDEX = {reg: index for index, reg in enumerate(_SNAPSHOT_REGS)}
 
 
 @dataclass(frozen=True, eq=False, slots=True)
@@ -86,7 +87,7 @@ class Snapshot:
     ats_endpoints: tuple[int, ...]
 
     def reg(self, reg: Reg) -> int:
-        return self.regs[_SNAPSHOT_REGS.index(reg)]
+        return self.regs[_SNAPSHOT_INDEX[reg]]
 
     @property
     def maybe_enabled(self) -> bool:
