@@ -504,3 +504,8 @@ def test_pkvm_host_points_eventq_at_hyp_memory(rig: PkvmRig) -> None:
     found = oracle.check()
     assert [(v.actor, v.access, v.owner) for v in found] == [("smmu", "write", "hyp")]
     assert found[0].start == hyp
+    assert oracle.observed == []  # the SMMU reads the shadow stream table: declared
+    assert not DmaEndpoint("ep", rig.smmu, 0x77).read(IOVA, 4).ok  # an event record
+    assert [(o.purpose, o.is_write, o.pfn) for o in oracle.observed] == [
+        ("evtq-write", True, hyp >> PAGE_SHIFT)
+    ]

@@ -49,11 +49,16 @@ class AccessMonitor:
         self.ownership = ownership
         self.declared = dict(declared or {})
         self.violations: list[ObservedViolation] = []
+        self._ranges: dict[tuple[str, bool], list[tuple[int, int]]] = {}  # (SMMU, write) -> declared
         bus.observers.append(self._observe)
 
     def close(self) -> None:
         if self._observe in self.bus.observers:
             self.bus.observers.remove(self._observe)
+
+    def refresh(self) -> None:
+        """Forget the cached declarations (the hyp may have withdrawn some)."""
+        self._ranges.clear()
 
     def take(self) -> list[ObservedViolation]:
         """The violations recorded so far, forgetting them."""
@@ -91,15 +96,25 @@ class AccessMonitor:
                 )
 
     def _declared(self, access: Access, pfn: int) -> bool:
+        """The hyp declared the page for this SMMU access (cached; asked again before a miss is
+        reported, since the hyp may have declared more since)."""
+        key = (access.initiator.name, access.is_write)
+        cached = self._ranges.get(key)
+        if cached is not None and _inside(cached, pfn << PAGE_SHIFT):
+            return True
         source = self.declared.get(access.initiator.name)
         if source is None:
             return False
         structures = source()
         ranges = list(structures.writes) if access.is_write else [*structures.reads, *structures.writes]
         merged = merge_ranges((pa, pa + size) for pa, size, _ in ranges)
-        page = pfn << PAGE_SHIFT
-        i = bisect.bisect_right([start for start, _ in merged], page) - 1
-        return i >= 0 and merged[i][1] > page
+        self._ranges[key] = merged
+        return _inside(merged, pfn << PAGE_SHIFT)
+
+
+def _inside(ranges: list[tuple[int, int]], address: int) -> bool:
+    i = bisect.bisect_right(ranges, (address, 1 << 64)) - 1
+    return i >= 0 and ranges[i][1] > address
 
 
 __all__ = ["AccessMonitor", "ObservedViolation"]

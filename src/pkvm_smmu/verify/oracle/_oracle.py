@@ -119,6 +119,8 @@ class IsolationOracle:
         if self._dirty:
             dirty, self._dirty = self._dirty, set()
             self._evaluator.memo.invalidate(dirty)
+        if self.monitor is not None:
+            self.monitor.refresh()
         return self._evaluator.check()
 
     def check_full(self) -> list[Violation]:
