@@ -8,9 +8,9 @@ with the 64 KiB granule). A leaf table written in bulk is recognised as one line
 comparing it with the run it would be, so a gigabyte identity map costs a few thousand compares.
 
 A nested stage 1's table addresses are IPAs: each table is read through the stream's stage-2
-mapping (where stage 2 grants read), and the node depends on that mapping. Table memory that is
-MMIO holds whatever the device returns, so a tree that reads one may map anything
-(``device_defined``).
+mapping (where stage 2 grants read) and depends only on the stage-2 translation of its own pages.
+Table memory that is MMIO holds whatever the device returns, so a tree that reads one may map
+anything (``device_defined``).
 """
 
 from __future__ import annotations
@@ -107,11 +107,6 @@ class Tree:
             i += 1
         return out
 
-    def translate(self, address: int) -> tuple[int, int] | None:
-        """(output, perms) of one input address, or None when it is not mapped."""
-        pieces = self.pieces(address, address + 1)
-        return (pieces[0][1], pieces[0][3]) if pieces else None
-
 
 def compose(stage1: Tree, stage2: Tree) -> Runs:
     """Physical memory reachable through stage 1 then stage 2 (both stages must permit)."""
@@ -158,15 +153,6 @@ def _coalesce_ranges(ranges: list[tuple[int, int]]) -> tuple[tuple[int, int], ..
             cur_start, cur_end = start, end
     out.append((cur_start, cur_end))
     return tuple(out)
-
-
-def _append_run(runs: list[MapRun], run: MapRun) -> None:
-    if runs:
-        last_in, last_out, last_size, last_perms = runs[-1]
-        if last_perms == run[3] and last_in + last_size == run[0] and last_out + last_size == run[1]:
-            runs[-1] = (last_in, last_out, last_size + run[2], last_perms)
-            return
-    runs.append(run)
 
 
 def _append_range(ranges: list[tuple[int, int]], start: int, end: int) -> None:
