@@ -103,3 +103,47 @@ def test_malformed_platform_names_the_file_and_node(tmp_path: Path) -> None:
     assert code == 2, out
     assert "'--platform'" in out and "broken.dts" in out and "Traceback" not in out
     assert "/iommu@9050000" in out and "#iommu-cells" in out
+
+
+# -- under pKVM (the default design) ------------------------------------------------------------------
+
+
+def test_run_defaults_to_trap_emulate_and_reports_the_hyp() -> None:
+    code, out = run("--seed", "1")
+    assert code == 0, out
+    header = out.splitlines()[0]
+    for word in ("design=trap-emulate", "policy=v4", "boot-variant=late-register", "pkvm=protected"):
+        assert word in header
+    for title in ("Isolation after each boot step", "Traps by register", "Hyp command filter",
+                  "Ownership changes", "Guest donation"):  # fmt: skip
+        assert title in out
+    assert "STEs shadowed: abort 4, nested 4" in out and "Identity stage-2:" in out
+    assert "pKVM: protected" in out and "finalize_pkvm" in out
+    assert out.rstrip().splitlines()[-1].startswith("OK: 8 copies verified")
+
+
+@pytest.mark.parametrize(
+    ("args", "option", "words"),
+    [
+        (["--boot-variant", "sooner"], "--boot-variant", "sooner"),
+        (["--policy", "v9"], "--policy", "unknown policy 'v9'"),
+        (["--pkvm-fail", "maybe"], "--pkvm-fail", "maybe"),
+    ],
+)
+def test_bad_pkvm_options_exit_2_naming_the_option(args: list[str], option: str, words: str) -> None:
+    code, out = run(*args)
+    assert code == 2, out
+    assert f"'{option}'" in out and words in out and "Traceback" not in out
+
+
+def test_boot_variants_and_pkvm_off_or_failing() -> None:
+    code, out = run("--boot-variant", "aux-device")
+    assert code == 0, out
+    assert "pKVM driver created arm_smmu_v3_kvm.smmu.0 (aux-device of 9050000.iommu)" in out
+    code, out = run("--boot-variant", "child-platform")
+    assert code == 1, out
+    assert "found 9050000.iommu (bound to kvm-arm-smmu-v3" in out and "probe failed in dma_configure" in out
+    code, out = run("--no-pkvm")
+    assert code == 0 and "pkvm=off" in out and "not promised: pKVM off" in out, out
+    code, out = run("--pkvm-fail", "cntfrq")
+    assert code == 0 and "pKVM: failed at __pkvm_init_finalise: -19" in out, out

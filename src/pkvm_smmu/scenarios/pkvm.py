@@ -199,7 +199,13 @@ class PkvmSystem:
     counters: Counters
     pkvm_collector: PkvmCollector
     oracle: IsolationOracle
-    boot_ns: int
+    boot_ns: int = 0
+
+    def boot(self) -> None:
+        """Run every initcall (each followed by an isolation check), then check once more."""
+        self.host.boot()
+        self.oracle.check(AFTER_BOOT)
+        self.boot_ns = self.machine.clock.now_ns
 
     @property
     def variant(self) -> BootVariant:
@@ -232,9 +238,9 @@ def check_options(options: RunOptions) -> RunOptions:
     return replace(options, design=DESIGN, boot_variant=variant.value)
 
 
-def boot_pkvm(options: RunOptions, *, sinks: Sequence[Sink] = ()) -> PkvmSystem:
-    """Build and boot under pKVM. Bad input raises DeviceTreeError, DeviceSpecError, CmdlineError or
-    ValueError (boot variant, policy)."""
+def assemble_pkvm(options: RunOptions, *, sinks: Sequence[Sink] = ()) -> PkvmSystem:
+    """Build the machine, the hypervisor and the host kernel, not yet booted. Bad input raises
+    DeviceTreeError, DeviceSpecError, CmdlineError or OptionError."""
     options = check_options(options)
     tree = load_platform_tree(options.platform)
     specs = parse_devices(options.devices)
@@ -271,22 +277,16 @@ def boot_pkvm(options: RunOptions, *, sinks: Sequence[Sink] = ()) -> PkvmSystem:
     )
     oracle = trace.attach(IsolationOracle(machine, pkvm, kvm.is_protected_kvm_enabled(), lambda: hyp.iommu))
     wire_host_interrupts(machine, host.irq, hyp.irq_mask)
-    host.boot()
-    oracle.check(AFTER_BOOT)
     return PkvmSystem(
-        options,
-        machine,
-        pkvm,
-        hyp,
-        kvm,
-        host,
-        trace,
-        collector,
-        counters,
-        pkvm_collector,
-        oracle,
-        clock.now_ns,
+        options, machine, pkvm, hyp, kvm, host, trace, collector, counters, pkvm_collector, oracle
     )
+
+
+def boot_pkvm(options: RunOptions, *, sinks: Sequence[Sink] = ()) -> PkvmSystem:
+    """``assemble_pkvm`` and boot."""
+    system = assemble_pkvm(options, sinks=sinks)
+    system.boot()
+    return system
 
 
 # -- the guest donation ------------------------------------------------------------------------------
@@ -433,7 +433,10 @@ def run_pkvm(options: RunOptions) -> PkvmRunReport:
             fault_checks=faults,
         )
         report = build_pkvm_report(
-            base, system.pkvm_collector, promised=system.kvm.kvm_protected_mode_initialized
+            base,
+            system.pkvm_collector,
+            pkvm_up=system.kvm.kvm_protected_mode_initialized,
+            failure_expected=options.pkvm_fail is not None,
         )
         if recording is not None and options.trace_json:
             write_chrome_trace(recording.events, options.trace_json, options.metadata())
@@ -447,6 +450,7 @@ __all__ = [
     "OptionError",
     "PkvmHyp",
     "PkvmSystem",
+    "assemble_pkvm",
     "boot_pkvm",
     "check_options",
     "run_pkvm",

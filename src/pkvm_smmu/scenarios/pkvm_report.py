@@ -330,14 +330,20 @@ class PkvmCollector:
         )
 
 
-def build_pkvm_report(base: RunReport, collector: PkvmCollector, *, promised: bool) -> PkvmRunReport:
-    """``base`` (the native report's parts) plus what ``collector`` saw. ``promised``: pKVM was up,
-    so isolation failures and donation checks count as problems."""
+def build_pkvm_report(
+    base: RunReport, collector: PkvmCollector, *, pkvm_up: bool, failure_expected: bool = False
+) -> PkvmRunReport:
+    """``base`` (the native report's parts) plus what ``collector`` saw. Isolation is a problem
+    wherever it was promised; the donation checks only when pKVM was up; pKVM failing only when the
+    run did not ask for it."""
     problems = list(base.problems)
     status = collector.status()
-    if promised:
-        for check in collector.isolation:
-            problems += [f"isolation after {check.after}: {v}" for v in check.violations if check.protected]
+    if status is not None and status.state == "failed" and not failure_expected:
+        problems.append(f"pKVM failed to initialise ({status.failure})")
+    for check in collector.isolation:
+        if check.protected:
+            problems += [f"isolation after {check.after}: {v}" for v in check.violations]
+    if pkvm_up:
         for dma in collector.donation:
             if not dma.ok:
                 what = "reached" if dma.reachable else "could not reach"
