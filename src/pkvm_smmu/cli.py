@@ -13,6 +13,7 @@ from pkvm_smmu.scenarios import DEFAULT_DESIGN, DESIGNS
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from pkvm_smmu.scenarios.compare import Comparison
     from pkvm_smmu.scenarios.pkvm_report import PkvmRunReport
     from pkvm_smmu.scenarios.report import RunReport
 
@@ -425,3 +426,181 @@ def _print_pkvm(console: Console, report: PkvmRunReport) -> None:
         console.print(donation)
     for warning in report.hyp_warnings:
         console.print(f"[yellow]hyp WARN:[/] {warning}", highlight=False)
+
+
+# -- compare ------------------------------------------------------------------------------------------
+
+
+def _split_designs(_ctx: click.Context, _param: click.Parameter, value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+@main.command()
+@click.option(
+    "--designs",
+    callback=_split_designs,
+    metavar="A,B,...",
+    help=f"Designs to compare, comma-separated; default: all ({', '.join(DESIGNS)}).",
+)
+@click.option(
+    "--iterations",
+    type=int,
+    default=8,
+    show_default=True,
+    help="Times each DMA map/unmap and each donation runs per design.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data the devices move.")
+@click.option(
+    "--platform",
+    "platform_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Device tree (DTS or DTB) of the platform; default: the embedded default platform.",
+)
+@click.option("--json", "json_file", metavar="FILE", help="Also write the comparison as JSON.")
+@click.option(
+    "--plot", "plot_file", metavar="FILE.png", help="Also plot modeled time per operation (matplotlib)."
+)
+def compare(
+    designs: list[str] | None,
+    iterations: int,
+    seed: int,
+    platform_file: str | None,
+    json_file: str | None,
+    plot_file: str | None,
+) -> None:
+    """Run the same host operations under every design and compare what they cost.
+
+    Boot; dma_map_single / device DMA / dma_unmap_single of 4 KiB and 1 MiB buffers (strict
+    invalidation); pages donated to a protected VM and reclaimed. Counts come from the trace,
+    modeled time from the cost model (docs/design-comparison.md), and the isolation verdict from
+    the oracle after every operation.
+
+    \b
+      pkvm-smmu compare
+      pkvm-smmu compare --designs native,pv-paging --iterations 4 --json cmp.json --plot cmp.png
+    """
+    from pkvm_smmu.devicetree import DeviceTreeError
+    from pkvm_smmu.scenarios.compare import CompareError, check_designs, plot_available
+    from pkvm_smmu.scenarios.compare import compare as run_compare
+
+    _check_output(json_file, "'--json'")
+    _check_output(plot_file, "'--plot'")
+    if plot_file is not None:
+        if not plot_file.lower().endswith(".png"):
+            raise click.BadParameter(f"'{plot_file}' is not a .png file", param_hint="'--plot'")
+        if not plot_available():
+            raise click.ClickException("--plot needs matplotlib: pip install 'pkvm-smmu[plot]'")
+    if iterations < 1:
+        raise click.BadParameter(f"must be at least 1 (got {iterations})", param_hint="'--iterations'")
+    try:
+        check_designs(designs if designs is not None else list(DESIGNS))
+        comparison = run_compare(designs, iterations=iterations, seed=seed, platform=platform_file)
+    except CompareError as error:
+        raise click.BadParameter(str(error), param_hint=f"'{error.option}'") from None
+    except DeviceTreeError as error:
+        raise click.BadParameter(str(error), param_hint="'--platform'") from None
+    from rich.console import Console
+
+    from pkvm_smmu.scenarios.compare import write_json, write_plot
+
+    console = Console()
+    _print_comparison(console, comparison)
+    if json_file is not None:
+        write_json(comparison, json_file)
+        console.print(f"JSON written to {json_file}", highlight=False)
+    if plot_file is not None:
+        write_plot(comparison, plot_file)
+        console.print(f"plot written to {plot_file}", highlight=False)
+    if not comparison.ok and any(r.problems for r in comparison.results):
+        raise SystemExit(1)
+
+
+def _per_op(value: float) -> str:
+    """A per-operation mean: whole numbers as such, others with two decimals."""
+    if value == int(value):
+        return str(int(value))
+    return f"{value:.2f}"
+
+
+def _print_comparison(console: Console, comparison: Comparison) -> None:
+    from rich.table import Table
+
+    from pkvm_smmu.scenarios.compare import ISOLATION_NA
+
+    platform = comparison.platform or "default (embedded)"
+    console.print(
+        f"[bold]pkvm-smmu compare[/]  designs={','.join(comparison.designs)}  "
+        f"iterations={comparison.iterations}  seed={comparison.seed}  platform={platform}  "
+        "(per operation: mean over its runs)",
+        highlight=False,
+    )
+    table = Table(title="Cost per host operation", title_justify="left")
+    columns = (
+        ("Design", "left"), ("Operation", "left"), ("n", "right"), ("Traps", "right"),
+        ("HVCs", "right"), ("Cmds", "right"), ("SYNCs", "right"), ("MMIO wr", "right"),
+        ("PTE wr", "right"), ("PT pages", "right"), ("Pool pages", "right"), ("TLB miss", "right"),
+        ("Walk rd", "right"), ("Model us", "right"), ("Isolation", "left"),
+    )  # fmt: skip
+    for name, justify in columns:
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    colour = {"ok": "green", ISOLATION_NA: "dim"}
+    for result in comparison.results:
+        for index, op in enumerate(result.operations):
+            design = result.design if index == 0 else ""
+            if not op.supported:
+                table.add_row(design, op.operation, "0", *["-"] * 11, f"[dim]{op.note}[/]")
+                continue
+            iso = op.isolation
+            cells = [
+                _per_op(op.per_op(key))
+                for key in (
+                    "traps", "hypercalls", "commands", "cmd_syncs", "mmio_writes", "pte_writes",
+                    "table_pages", "pool_pages", "tlb_misses", "walk_levels",
+                )
+            ]  # fmt: skip
+            table.add_row(
+                design, op.operation, str(op.n), *cells, f"{op.modeled_ns / 1000:.3f}",
+                f"[{colour.get(iso, 'red')}]{iso}[/]",
+            )  # fmt: skip
+        table.add_section()
+    console.print(table)
+
+    commands = Table(title="Commands consumed by the SMMU, per operation", title_justify="left")
+    for name in ("Design", "Operation", "By opcode"):
+        commands.add_column(name)
+    for result in comparison.results:
+        for op in result.operations:
+            if op.supported and op.total.commands:
+                text = ", ".join(
+                    f"{code} {_per_op(count / op.n)}"
+                    for code, count in sorted(op.total.commands.items(), key=lambda kv: (-kv[1], kv[0]))
+                )
+                commands.add_row(result.design, op.operation, text)
+    console.print(commands)
+
+    rfc = comparison.rfc_v2()
+    if rfc:
+        ratios = Table(
+            title="pv-paging / native: the model next to RFC v2 (Morello, 1 thread, us)", title_justify="left"
+        )
+        headers = ("Case", "RFC native", "RFC pKVM", "RFC ratio", "Model native", "Model pv-paging")
+        for name in (*headers, "Model ratio"):
+            ratios.add_column(name, justify="left" if name == "Case" else "right")
+        for row in rfc:
+            ratios.add_row(
+                f"{row.operation} {row.size}", f"{row.measured_native_us:g}", f"{row.measured_pkvm_us:g}",
+                f"{row.measured_ratio:.2f}", f"{row.model_native_us:.3f}", f"{row.model_pv_paging_us:.3f}",
+                f"{row.model_ratio:.2f}",
+            )  # fmt: skip
+        console.print(ratios)
+
+    console.print("[bold]Isolation (verify.oracle, after every operation and a full check at the end)[/]")
+    for result in comparison.results:
+        style = "red" if result.violations else ("dim" if "not applicable" in result.isolation else "green")
+        console.print(f"  {result.design}: [{style}]{result.isolation}[/]", highlight=False)
+        for line in result.violations:
+            console.print(f"    - {line}", markup=False, highlight=False)
+        for problem in result.problems:
+            console.print(f"    ! {problem}", markup=False, highlight=False)

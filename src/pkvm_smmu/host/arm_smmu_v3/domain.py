@@ -475,13 +475,28 @@ class ArmSmmuDomain(IommuDomain):
     def map_pages(self, iova: int, paddr: int, pgsize: int, pgcount: int, prot: Prot) -> tuple[int, int]:
         if self.pgtbl is None:
             return 0, -errno.ENODEV
+        before = (self.pgtbl.pte_writes, self.pgtbl.pages_allocated)
         result = self.pgtbl.map(iova, paddr, pgsize * pgcount, prot)
+        self._trace_pgtable("map", before)
         return result.mapped, result.error
 
     def unmap_pages(self, iova: int, pgsize: int, pgcount: int, gather: IotlbGather) -> int:
         if self.pgtbl is None:
             return 0
-        return self.pgtbl.unmap(iova, pgsize * pgcount, gather)
+        before = (self.pgtbl.pte_writes, self.pgtbl.pages_allocated)
+        unmapped = self.pgtbl.unmap(iova, pgsize * pgcount, gather)
+        self._trace_pgtable("unmap", before)
+        return unmapped
+
+    def _trace_pgtable(self, op: str, before: tuple[int, int]) -> None:
+        """What one update cost the table: descriptors written, table pages taken (or freed)."""
+        if self.pgtbl is not None and self.smmu is not None:
+            self.smmu.emit(
+                "pgtable",
+                op=op,
+                pte_writes=self.pgtbl.pte_writes - before[0],
+                table_pages=self.pgtbl.pages_allocated - before[1],
+            )
 
     def iova_to_phys(self, iova: int) -> int:
         if self.pgtbl is None:
@@ -491,7 +506,10 @@ class ArmSmmuDomain(IommuDomain):
 
     def free_gathered_tables(self, gather: IotlbGather) -> None:
         if self.pgtbl is not None:
+            before = (self.pgtbl.pte_writes, self.pgtbl.pages_allocated)
             self.pgtbl.release_freed_tables(gather)
+            if self.pgtbl.pages_allocated != before[1]:
+                self._trace_pgtable("free", before)
 
     # -- invalidation ---------------------------------------------------------------------------
     @fault_to_errno(default=None)

@@ -208,6 +208,7 @@ class IdentityStage2:
         split when one of its pages leaves the host), MMIO RW+MMIO with the largest blocks that
         fit (MMIO is never taken from the host at run time). 0 or a negative errno."""
         mapped = 0
+        ptes, pages = self.table.pte_writes, self.table.pages_allocated
         for start, end, is_mmio in host_accessible_runs(self._limit, memory, holes):
             result = self._map(start, end, _RW, is_mmio)
             mapped += result.mapped
@@ -221,6 +222,8 @@ class IdentityStage2:
                 bytes=mapped,
                 pages=self.table.pages_allocated,
                 entries=self.leaf_entries(),
+                pte_writes=self.table.pte_writes - ptes,
+                table_pages=self.table.pages_allocated - pages,
             )
         return 0
 
@@ -244,11 +247,13 @@ class IdentityStage2:
         prot = Prot(prot) & _RW
         if not prot:
             return
+        ptes, pages = self.table.pte_writes, self.table.pages_allocated
         result = self._map(start, end, prot, is_mmio)
         if self.trace.enabled:
             self.trace.emit(
-                COMPONENT, "idmap.map", start=start, size=end - start, mmio=is_mmio, error=result.error
-            )
+                COMPONENT, "idmap.map", start=start, size=end - start, mmio=is_mmio, error=result.error,
+                pte_writes=self.table.pte_writes - ptes, table_pages=self.table.pages_allocated - pages,
+            )  # fmt: skip
         if result.error:
             self._warn("identity map failed", start=start, end=end, error=result.error)
 
@@ -256,6 +261,7 @@ class IdentityStage2:
         """Unmap every PAGE_SIZE leaf of ``[start, end)``, then invalidate each unmapped run."""
         present = 0
         unmapped: list[tuple[int, int]] = []
+        ptes, pages = self.table.pte_writes, self.table.pages_allocated
         for run in list(self.table.walk_runs(start, end)):
             lo = max(start, run.iova)
             hi = min(end, run.iova + run.size)
@@ -270,7 +276,10 @@ class IdentityStage2:
                     unmapped.append((lo, lo + done))
         removed = sum(b - a for a, b in unmapped)
         if removed and self.trace.enabled:
-            self.trace.emit(COMPONENT, "idmap.unmap", start=start, size=end - start, unmapped=removed)
+            self.trace.emit(
+                COMPONENT, "idmap.unmap", start=start, size=end - start, unmapped=removed,
+                pte_writes=self.table.pte_writes - ptes, table_pages=self.table.pages_allocated - pages,
+            )  # fmt: skip
         for lo, hi in unmapped:
             self.invalidate(lo, hi - lo, PAGE_SIZE, True)
         if present != removed:

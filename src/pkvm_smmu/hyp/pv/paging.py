@@ -409,11 +409,16 @@ class PvPagingIommu(PvIommu):
         ret = mp.host_use_dma(paddr >> PAGE_SHIFT, size >> PAGE_SHIFT)
         if ret:
             return ret
-        mapped, error = domain.table.map_pages(iova, paddr, pgsize, pgcount, prot)
+        table = domain.table
+        ptes, pages = table.pte_writes, table.pages_allocated
+        mapped, error = table.map_pages(iova, paddr, pgsize, pgcount, prot)
         if mapped < size:
             # The host calls again for the rest (or unmaps what was done): no references for it.
             mp.host_unuse_dma((paddr + mapped) >> PAGE_SHIFT, (size - mapped) >> PAGE_SHIFT)
-        self.emit("map", domain=domain_id, iova=iova, paddr=paddr, size=size, mapped=mapped, error=error)
+        self.emit(
+            "map", domain=domain_id, iova=iova, paddr=paddr, size=size, mapped=mapped, error=error,
+            pte_writes=table.pte_writes - ptes, table_pages=table.pages_allocated - pages,
+        )  # fmt: skip
         return mapped if mapped else error
 
     def unmap_pages(self, domain_id: int, iova: int, pgsize: int, pgcount: int) -> int:
@@ -429,6 +434,7 @@ class PvPagingIommu(PvIommu):
         leaves = [(leaf.iova, leaf.size) for leaf in table.walk_leaves(iova, iova + size)]
         phys = {start: table.iova_to_phys(start) for start, _ in leaves}
         gather = IotlbGather()
+        ptes, pages = table.pte_writes, table.pages_allocated
         unmapped = table.unmap_pages(iova, pgsize, pgcount, gather)
         if not unmapped:
             return 0
@@ -448,7 +454,10 @@ class PvPagingIommu(PvIommu):
                 paddr = phys[start]
                 if start >= iova and start + length <= iova + unmapped and paddr is not None:
                     self.mem_protect.host_unuse_dma(paddr >> PAGE_SHIFT, length >> PAGE_SHIFT)
-        self.emit("unmap", domain=domain_id, iova=iova, size=size, unmapped=unmapped)
+        self.emit(
+            "unmap", domain=domain_id, iova=iova, size=size, unmapped=unmapped,
+            pte_writes=table.pte_writes - ptes, table_pages=table.pages_allocated - pages,
+        )  # fmt: skip
         return unmapped
 
     def iova_to_phys(self, domain_id: int, iova: int) -> int:
