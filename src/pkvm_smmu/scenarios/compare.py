@@ -514,7 +514,7 @@ class _Run:
                 operation,
                 n,
                 total,
-                modeled_ns=sum(breakdown.values()),
+                modeled_ns=float(sum(breakdown.values())),
                 breakdown_ns=breakdown,
                 isolation=tally.verdict(self.b.pkvm is not None),
                 checks=tally,
