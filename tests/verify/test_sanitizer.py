@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 import pytest
 
 from pkvm_smmu.arch.commands import CMD_SIZE, Opcode, build_command, cfgi_all, pretty_command
-from pkvm_smmu.arch.registers import CMDQ_BASE, CR0, STRTAB_BASE, Reg
+from pkvm_smmu.arch.registers import CMDQ_BASE, CR0, CR1, GBPA, IRQ_CTRL, STRTAB_BASE, Reg
 from pkvm_smmu.arch.strtab import CD, STE, STE_SIZE
 from pkvm_smmu.arch.vmsa import S1_LEAF
 from pkvm_smmu.host.arm_smmu_v3.domain import ArmSmmuDomain
@@ -67,9 +67,19 @@ def s1_stream(h: SmmuHarness, sid: int = SID, asid: int = 1) -> tuple[IoPageTabl
         map_pages(pt, VA + i * K4, frame, K4)
     cds = h.cd_table()
     cd = h.write_cd(cds, 0, h.cd(pt, asid=asid))
-    h.write_ste(sid, h.ste_s1(cds))
-    h.cfgi_ste(sid)
+    make_valid(h, sid, h.ste_s1(cds))
     return pt, frames, cd
+
+
+def make_valid(h: SmmuHarness, sid: int, ste: int) -> int:
+    """Install an STE where an invalid one is, as software must: words 1-7, then word 0 (V=1) in
+    one store, then CFGI_STE + CMD_SYNC; returns its address."""
+    address = h.ste_address(sid)
+    words = to_words(ste)
+    for index in (*range(1, len(words)), 0):
+        h.write_u64(address + 8 * index, words[index])
+    h.cfgi_ste(sid)
+    return address
 
 
 def repoint(h: SmmuHarness, pt: IoPageTable, iova: int, pa: int) -> int:
@@ -259,6 +269,31 @@ def test_cd_asid_changed_without_tlbi_of_the_old_asid() -> None:
     assert "(ASID 1)" in report.message
 
 
+def test_stage2_fields_changed_without_tlbi_of_the_vmid() -> None:
+    """An S2-only stream's S2TTB moves to another table (one store, CFGI_STE + CMD_SYNC) but the VMID's
+    TLB entries are not invalidated: the next DMA translates through the old table's entry."""
+    h, sanitizer = sanitized_harness()
+    frames = [h.buffer(), h.buffer()]
+    tables = [h.s2_table(), h.s2_table()]
+    for table, frame in zip(tables, frames, strict=True):
+        map_pages(table, VA, frame, K4)
+    address = make_valid(h, SID, h.ste_s2(tables[0], vmid=3))
+    ep = DmaEndpoint("dev", h.smmu, SID)
+    assert ep.read(VA, 8).ok
+    h.write_u64(address + 24, to_words(h.ste_s2(tables[1], vmid=3))[3])
+    h.cfgi_ste(SID)
+    assert ep.read(VA, 8).ok
+    (report,) = sanitizer.reports
+    assert summary([report]) == [
+        (
+            Check.STALE_USE,
+            f"TLB entry S2 el1 VMID=3 IPA {VA:#x}+0x1000 -> {frames[0]:#x}",
+            address + 24,
+            "CMD_TLBI_S12_VMALL VMID=3 + CMD_SYNC",
+        )
+    ]
+
+
 # ---- check 2: hitless updates ---------------------------------------------------------------------------
 
 
@@ -311,6 +346,24 @@ def test_illegal_intermediate_state() -> None:
     assert "ILLEGAL (S2AA64=0" in report.message
 
 
+def test_a_whole_ste_copied_over_a_live_invalid_one_is_not_atomic() -> None:
+    """A 64-byte copy is not single-copy atomic: word 0 (V=1, Config=stage 2) may land before the
+    stage-2 fields, so the SMMU may fetch an ILLEGAL STE."""
+    h, sanitizer = sanitized_harness()
+    address = h.write_ste(SID, h.ste_s2(h.s2_table(), vmid=3))
+    h.cfgi_ste(SID)
+    (report,) = sanitizer.reports
+    assert summary([report]) == [
+        (
+            Check.ILLEGAL_INTERMEDIATE,
+            f"STE sid={SID:#x} @{address:#x}",
+            address,
+            "one used word changed per sync, or an update through V=0",
+        )
+    ]
+    assert report.writer.what == "64-byte write"
+
+
 def test_break_before_make_is_not_reported() -> None:
     h, sanitizer = sanitized_harness()
     s1_stream(h)
@@ -326,6 +379,26 @@ def test_break_before_make_is_not_reported() -> None:
     h.write_u64(address, target[0])
     h.cfgi_ste(SID)
     assert sanitizer.finish() == []
+
+
+def test_cd_ttb_and_asid_changed_in_one_window_is_not_hitless() -> None:
+    h, sanitizer = sanitized_harness()
+    _, _, cd = s1_stream(h)
+    ep = DmaEndpoint("dev", h.smmu, SID)
+    assert ep.read(VA, 8).ok
+    words = to_words(h.cd(h.s1_table(), asid=7))
+    h.write_u64(cd + 8, words[1])  # TTB0 of a new table, still under ASID 1: neither CD
+    h.write_u64(cd, words[0])
+    h.cfgi_cd(SID)
+    (report,) = sanitizer.reports
+    assert summary([report]) == [
+        (
+            Check.NOT_HITLESS,
+            f"CD sid={SID:#x} ssid=0x0 @{cd:#x}",
+            cd + 8,
+            "one used word changed per sync, or an update through V=0",
+        )
+    ]
 
 
 # ---- check 3: registers ---------------------------------------------------------------------------------
@@ -389,6 +462,113 @@ def test_dma_right_after_smmuen_without_ack() -> None:
     (report,) = sanitizer.reports
     assert summary([report]) == [(Check.BEFORE_ACK, "CR0.SMMUEN", SMMU_BASE + Reg.CR0, "")]
     assert report.at.initiator == f"dma sid={SID:#x}"
+
+
+def _gbpa_twice(h: SmmuHarness) -> None:
+    h.write_reg(Reg.GBPA, GBPA.UPDATE.in_place_mask)
+    h.write_reg(Reg.GBPA, GBPA.UPDATE.in_place_mask | GBPA.ABORT.in_place_mask)
+
+
+def _cr0_twice(h: SmmuHarness) -> None:
+    h.write_reg(Reg.CR0, h.cr0() & ~CR0.EVENTQEN.in_place_mask)
+    h.write_reg(Reg.CR0, h.cr0() & ~CR0.EVENTQEN.in_place_mask & ~CR0.SMMUEN.in_place_mask)
+
+
+def _irq_ctrl_twice(h: SmmuHarness) -> None:
+    h.write_reg(Reg.IRQ_CTRL, IRQ_CTRL.GERROR_IRQEN.in_place_mask)
+    h.write_reg(Reg.IRQ_CTRL, 0)
+
+
+def _irq_cfg_while_enabled(h: SmmuHarness) -> None:
+    h.write_reg(Reg.IRQ_CTRL, IRQ_CTRL.EVENTQ_IRQEN.in_place_mask)
+    h.poll(lambda: h.read_reg(Reg.IRQ_CTRLACK) != 0, "IRQ_CTRLACK")
+    h.write_reg(Reg.EVENTQ_IRQ_CFG0, 0x4000)
+
+
+def _dma_before_gbpa_update(h: SmmuHarness) -> None:
+    h.write_reg(Reg.GBPA, GBPA.UPDATE.in_place_mask | GBPA.ABORT.in_place_mask)
+    DmaEndpoint("dev", h.smmu, SID).write(h.buffer(), b"x")
+
+
+REGISTER_MISUSE = {
+    "GBPA rewritten while its update is pending": (
+        True,
+        _gbpa_twice,
+        Check.GUARDED_WRITE,
+        "GBPA",
+        "written while the update written at seq",
+    ),
+    "GBPA written without UPDATE": (
+        True,
+        lambda h: h.write_reg(Reg.GBPA, 0),
+        Check.GUARDED_WRITE,
+        "GBPA",
+        "written with UPDATE=0",
+    ),
+    "CR0 rewritten before CR0ACK": (True, _cr0_twice, Check.BEFORE_ACK, "CR0", "written (0x8) before CR0ACK"),
+    "IRQ_CTRL rewritten before IRQ_CTRLACK": (
+        True,
+        _irq_ctrl_twice,
+        Check.BEFORE_ACK,
+        "IRQ_CTRL",
+        "written (0x0) before IRQ_CTRLACK",
+    ),
+    "IRQ_CFG0 written while its IRQ is enabled": (
+        True,
+        _irq_cfg_while_enabled,
+        Check.GUARDED_WRITE,
+        "EVENTQ_IRQ_CFG0",
+        "written while its IRQ_CTRL",
+    ),
+    "CR1 queue fields written while a queue is enabled": (
+        True,
+        lambda h: h.write_reg(Reg.CR1, CR1.QUEUE_SH.insert(3)),
+        Check.GUARDED_WRITE,
+        "CR1.QUEUE_*",
+        "written",
+    ),
+    "CMDQ_BASE written while CMDQEN": (
+        True,
+        lambda h: h.write_reg(Reg.CMDQ_BASE, h.cmdq_base),
+        Check.GUARDED_WRITE,
+        "CMDQ_BASE",
+        "written",
+    ),
+    "CMDQ_CONS written while CMDQEN": (
+        True,
+        lambda h: h.write_reg(Reg.CMDQ_CONS, 0),
+        Check.GUARDED_WRITE,
+        "CMDQ_CONS",
+        "written",
+    ),
+    "EVENTQ_PROD written while EVENTQEN": (
+        True,
+        lambda h: h.write_reg(Reg.EVENTQ_PROD, 0),
+        Check.GUARDED_WRITE,
+        "EVENTQ_PROD",
+        "written",
+    ),
+    "DMA bypassing while a GBPA update is pending": (
+        False,
+        _dma_before_gbpa_update,
+        Check.BEFORE_ACK,
+        "GBPA",
+        "a DMA bypassed the disabled SMMU",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(REGISTER_MISUSE))
+def test_register_misuse(case: str) -> None:
+    enabled, misuse, check, structure, message = REGISTER_MISUSE[case]
+    machine = make_machine()
+    sanitizer = Sanitizer(machine.bus, machine.smmu.trace, [machine.smmu])
+    h = SmmuHarness(machine).init(enable=enabled)
+    assert sanitizer.reports == []
+    misuse(h)
+    (report,) = sanitizer.reports
+    assert (report.check, report.structure) == (check, structure)
+    assert report.message.startswith(message), report.message
 
 
 # ---- check 4: double fetch ----------------------------------------------------------------------------

@@ -90,7 +90,8 @@ class HostStage2:
 
     def _mark(self, kind: str, address: int, size: int, is_write: bool) -> None:
         if self.trace.enabled:
-            self.trace.emit("hyp", kind, address=address, size=size, direction="write" if is_write else "read")
+            direction = "write" if is_write else "read"
+            self.trace.emit("hyp", kind, address=address, size=size, direction=direction)
 
     def allows_bulk(self, address: int, length: int, is_write: bool) -> bool:
         owners = self._owner_map

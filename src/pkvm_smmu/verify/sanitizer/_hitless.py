@@ -213,18 +213,21 @@ class HitlessCheck:
                 self._refresh_cds(sid, [int.from_bytes(region.shadow[8 * slot : 8 * slot + 64], "little")])
 
     def _refresh_cds(self, sid: int, stes: list[int]) -> None:
-        """The CD tables ``sid`` reaches through any of these values of its STE."""
-        for region in self._cd_roots.pop(sid, []):
-            region.sids.discard(sid)
-            if not region.sids:
-                self._cd_tables.pop((region.kind, region.base, len(region.shadow)), None)
-                self._remove(region)
+        """The CD tables ``sid`` reaches through any of these values of its STE (tables it still
+        reaches keep their shadow and the state of their CDs)."""
         roots: list[_Region] = []
         for ste in dict.fromkeys(stes):
             for region in self._cd_tables_of(sid, ste):
                 region.sids.add(sid)
                 if region not in roots:
                     roots.append(region)
+        for region in self._cd_roots.pop(sid, []):
+            if region in roots:
+                continue
+            region.sids.discard(sid)
+            if not region.sids:
+                self._cd_tables.pop((region.kind, region.base, len(region.shadow)), None)
+                self._remove(region)
         if roots:
             self._cd_roots[sid] = roots
 
@@ -387,9 +390,13 @@ class HitlessCheck:
             valid = STE.V.get(synced) if structure.is_ste else CD.V.get(synced)
             # A next state with V=0 starts a break-before-make: the synced state was its start.
             breaks = not (STE.V.get(current) if structure.is_ste else CD.V.get(current))
-            if valid and not breaks and not (
-                self._behaves_as(structure, synced, previous, safe_before)
-                or self._behaves_as(structure, synced, current, safe_before)
+            if (
+                valid
+                and not breaks
+                and not (
+                    self._behaves_as(structure, synced, previous, safe_before)
+                    or self._behaves_as(structure, synced, current, safe_before)
+                )
             ):
                 assert structure.made_by is not None
                 self._report(structure, synced, previous, current, structure.made_by, where, transient=True)

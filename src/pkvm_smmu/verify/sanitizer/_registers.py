@@ -102,6 +102,8 @@ class RegisterCheck:
         self._cmdq_prod = regs.read(Reg.CMDQ_PROD)
         self._output_cons = {reg: regs.read(reg) for reg in _OUTPUT_QUEUES}
         self._dma_reported: set[Location] = set()  # unacknowledged writes a DMA was reported for
+        # Index registers whose last move was reported: the queue is inconsistent until a good move.
+        self._broken_index: set[Reg] = set()
 
     # -- acknowledgements (trace "reg.update") -----------------------------------------------------
     def updated(self, reg: str) -> None:
@@ -193,7 +195,7 @@ class RegisterCheck:
                 pending,
             )
         elif not value & _GBPA_UPDATE:
-            self._guarded(Reg.GBPA.name, "UPDATE is clear: the write", where)
+            self._add(Check.GUARDED_WRITE, Reg.GBPA.name, "written with UPDATE=0: ignored", where, where)
         else:
             self._gbpa_pending = where
 
@@ -234,18 +236,15 @@ class RegisterCheck:
         cons = CMDQ_CONS.RD.get(regs.read(Reg.CMDQ_CONS))
         forward = (new - old) & index_mask
         if forward > 1 << log2:
-            self._add(
-                Check.QUEUE_INDEX, Reg.CMDQ_PROD.name, f"moved backwards ({old:#x} -> {new:#x})", where, where
-            )
+            message = f"moved backwards ({old:#x} -> {new:#x})"
         elif forward > q_space(old, cons, log2):
-            self._add(
-                Check.QUEUE_INDEX,
-                Reg.CMDQ_PROD.name,
+            message = (
                 f"moved past full ({old:#x} -> {new:#x} with CONS {cons:#x}): "
-                "commands not yet consumed are overwritten",
-                where,
-                where,
+                "commands not yet consumed are overwritten"
             )
+        else:
+            message = ""
+        self._index_moved(Reg.CMDQ_PROD, message, where)
 
     def _write_output_cons(self, reg: Reg, value: int, where: Location) -> None:
         base, prod_reg, enable, flags = _OUTPUT_QUEUES[reg]
@@ -267,16 +266,24 @@ class RegisterCheck:
         prod = EVENTQ_PROD.WR.get(regs.read(prod_reg)) & index_mask
         forward = (new - old) & index_mask
         if forward > 1 << log2:
-            self._add(Check.QUEUE_INDEX, reg.name, f"moved backwards ({old:#x} -> {new:#x})", where, where)
+            message = f"moved backwards ({old:#x} -> {new:#x})"
         elif forward > q_used(prod, old, log2):
-            self._add(
-                Check.QUEUE_INDEX,
-                reg.name,
+            message = (
                 f"moved past PROD ({old:#x} -> {new:#x} with PROD {prod:#x}): records not yet written "
-                "are consumed",
-                where,
-                where,
+                "are consumed"
             )
+        else:
+            message = ""
+        self._index_moved(reg, message, where)
+
+    def _index_moved(self, reg: Reg, misuse: str, where: Location) -> None:
+        """Report a bad move, once until the index moves well again (every move of a queue left
+        inconsistent is bad in the same way)."""
+        if not misuse:
+            self._broken_index.discard(reg)
+        elif reg not in self._broken_index:
+            self._broken_index.add(reg)
+            self._add(Check.QUEUE_INDEX, reg.name, misuse, where, where)
 
     # -- DMA -----------------------------------------------------------------------------------------
     def translation(self, at: Location) -> None:

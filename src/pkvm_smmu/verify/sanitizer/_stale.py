@@ -116,11 +116,13 @@ def _tlb_invalidation(entry: TlbEntry) -> str:
 
 
 def _context_invalidation(entry: TlbEntry, old_asid: int | None) -> str:
+    """What removes the entries cached under a CD's old fields (by ASID; global ones need more)."""
+    by_asid = entry.asid is not None and old_asid is not None
     if entry.world != WORLD_EL1:
-        return "CMD_TLBI_EL2_ALL" if old_asid is None else f"CMD_TLBI_EL2_ASID ASID={old_asid}"
-    if old_asid is None:
-        return f"CMD_TLBI_NH_ALL VMID={entry.vmid}"
-    return f"CMD_TLBI_NH_ASID VMID={entry.vmid} ASID={old_asid}"
+        return f"CMD_TLBI_EL2_ASID ASID={old_asid}" if by_asid else "CMD_TLBI_EL2_ALL"
+    if by_asid:
+        return f"CMD_TLBI_NH_ASID VMID={entry.vmid} ASID={old_asid}"
+    return f"CMD_TLBI_NH_ALL VMID={entry.vmid}"
 
 
 class StaleUseCheck:
@@ -368,9 +370,12 @@ class StaleUseCheck:
             return
         old_context, old_stream = tracked.context_fields, tracked.stream_fields
         new_context = _context_fields(context) if entry.kind is not TranslationKind.S2 else None
+        if entry.asid is None and old_context is not None and new_context is not None:
+            # A global entry serves every ASID: only the translation-table fields must agree.
+            old_context, new_context = old_context[1:], new_context[1:]
         new_stream = _stream_fields(stream)
         if old_context is not None and new_context is not None and old_context != new_context:
-            old_asid = old_context[0]
+            old_asid = tracked.context_fields[0] if tracked.context_fields else None
             assert context is not None
             sources = [tracked.context_address, context.address]
             what = (
