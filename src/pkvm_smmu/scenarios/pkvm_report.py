@@ -156,7 +156,7 @@ class PkvmCollector:
     _last_check: dict[tuple[int, str], int] = field(default_factory=dict)  # (page, device) -> seq
     _bound_to: dict[str, str] = field(default_factory=dict)  # device -> driver
     _lookup: dict[str, Any] = field(default_factory=dict)  # the last fwnode lookup
-    probe_device_failures: list[str] = field(default_factory=list)
+    probe_device_failures: list[tuple[str, str]] = field(default_factory=list)  # device, why
 
     def __call__(self, event: TraceEvent) -> None:
         component, kind, f = event.component, event.kind, event.fields
@@ -239,16 +239,19 @@ class PkvmCollector:
             self._iommu_state[device] = "failed"
 
     def _probe_device_failed(self, f: dict[str, Any]) -> None:
-        text = f"{f.get('dev')}: arm_smmu_probe_device {f.get('result')}"
+        device = str(f.get("dev"))
+        text = f"{device}: arm_smmu_probe_device {f.get('result')}"
         look = self._lookup
         if look:
             found = look.get("found")
             bound = self._bound_to.get(str(found), "no driver") if found else None
-            text += (
-                f": {look.get('fn')}({look.get('fwnode')}) found {found} (bound to {bound}; "
-                f"{look.get('candidates')} devices share the fwnode)"
+            where = (
+                f"; {look.get('candidates')} devices have the fwnode"
+                if look.get("fn", "").startswith("bus")
+                else ""
             )
-        self.probe_device_failures.append(text)
+            text += f": {look.get('fn')}({look.get('fwnode')}) found {found} (bound to {bound}{where})"
+        self.probe_device_failures.append((device, text))
 
     def _dma_check(self, event: TraceEvent) -> None:
         f = event.fields
@@ -322,6 +325,15 @@ class PkvmCollector:
         b, u = self.idmap_build, self.idmap_updates
         return IdmapStats(b["pages"], b["entries"], b["bytes"], u["map"], u["unmap"], u["invalidate"])
 
+    def probe_refusals(self) -> tuple[str, ...]:
+        """``arm_smmu_probe_device`` refusals, each marked when a later IOMMU probe of the device
+        succeeded (the refusal happened while the SMMU itself was still registering)."""
+        later = "; a later probe succeeded"
+        return tuple(
+            text + (later if self._iommu_state.get(device) == "ok" else "")
+            for device, text in dict.fromkeys(self.probe_device_failures)
+        )
+
     def hypercall_rows(self) -> tuple[tuple[str, int, int], ...]:
         names = dict.fromkeys(name for name, _ in self.hypercalls)
         return tuple(
@@ -372,7 +384,7 @@ def build_pkvm_report(
         hypercalls=collector.hypercall_rows(),
         hyp_warnings=tuple(collector.warnings),
         spawned=tuple(collector.spawned),
-        iommu_probe_failures=tuple(dict.fromkeys(collector.probe_device_failures)),
+        iommu_probe_failures=collector.probe_refusals(),
     )
 
 
