@@ -1,12 +1,13 @@
 """``pkvm-smmu compare``: the same host operations under every design, counted from the trace and
 priced by the cost model, with the isolation oracle's verdict.
 
-Each design boots the default platform; then, through the host DMA API in strict mode, ``iterations``
-rounds of dma_map_single / device DMA / dma_unmap_single of a 4 KiB and of a 1 MiB buffer on one DMA
-engine; then, where the design has a hypervisor, a protected VM receives ``iterations`` pages one by
-one while every DMA engine keeps reading its own buffer, and after the VM is torn down the host
-reclaims them. Every count is the difference of two ``Counters`` snapshots around one operation; the
-oracle checks after each operation (incrementally) and once from scratch at the end.
+Each design boots the platform (the embedded default unless one is given); then, through the host
+DMA API in strict mode, ``iterations`` rounds of dma_map_single / device DMA / dma_unmap_single of a
+4 KiB and of a 1 MiB buffer on one DMA engine; then, where the design has a hypervisor, a protected
+VM receives ``iterations`` pages one by one while every DMA engine keeps reading its own buffer,
+and after the VM is torn down the host reclaims them. Every count is the difference of two
+``Counters`` snapshots around one operation; the oracle checks after each operation
+(incrementally) and once from scratch at the end.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ DEFAULT_ITERATIONS = 8
 SIZES = {"4K": PAGE_SIZE, "1M": 1 << 20}
 OPERATIONS = (
     "boot",
-    "map 4K", "unmap 4K", "dma 4K",
-    "map 1M", "unmap 1M", "dma 1M",
+    "map 4K", "dma 4K", "unmap 4K",
+    "map 1M", "dma 1M", "unmap 1M",
     "donate", "reclaim",
 )  # fmt: skip
 # The event fields whose values the counters keep (the counts below are sums over them).
@@ -572,7 +573,7 @@ class _Run:
             done += 1
         domain = host.domain_of(dev)
         note = "" if domain is None or domain.type.is_paging else f"{domain.type.value} domain: dma-direct"
-        for op in ("map", "unmap", "dma"):
+        for op in ("map", "dma", "unmap"):
             self.record(f"{op} {label}", done, totals[op], tallies[op], note)
 
     @staticmethod
