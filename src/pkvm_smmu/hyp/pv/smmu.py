@@ -189,7 +189,10 @@ class PvSmmuV3(HypSmmuV3):
         ret = wait_for(self, lambda: self._hw_read(Reg.IRQ_CTRLACK, 4) == irqen)
         if ret:
             return ret
-        cr0 = self._hw_read(Reg.CR0, 4) | CR0.encode(CMDQEN=1, EVENTQEN=1, SMMUEN=1)
+        # ATSCHK as Android's driver sets it: Translated traffic is checked against STE.EATS, which
+        # the hyp leaves at 0, instead of passing unchecked ("fast mode").
+        atschk = IDR0.ATS.get(self._hw_read(Reg.IDR0, 4))
+        cr0 = self._hw_read(Reg.CR0, 4) | CR0.encode(CMDQEN=1, EVENTQEN=1, SMMUEN=1, ATSCHK=atschk)
         self._hw_write(Reg.CR0, 4, cr0)
         return wait_for(self, lambda: self._hw_read(Reg.CR0ACK, 4) == cr0)
 
