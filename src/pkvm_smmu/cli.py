@@ -604,3 +604,94 @@ def _print_comparison(console: Console, comparison: Comparison) -> None:
             console.print(f"    - {line}", markup=False, highlight=False)
         for problem in result.problems:
             console.print(f"    ! {problem}", markup=False, highlight=False)
+
+
+# -- attacks ------------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--policy", default="v4", show_default=True, help="The hyp's emulation policy to attack.")
+@click.option("--only", "only", multiple=True, metavar="NAME", help="Run only this attack (repeatable).")
+@click.option("--list", "list_only", is_flag=True, help="List the attacks without running them.")
+@click.option("--json", "json_file", metavar="FILE", help="Also write the results as JSON.")
+def attacks(policy: str, only: tuple[str, ...], list_only: bool, json_file: str | None) -> None:
+    """Run the attack catalogue against a policy: one named script of adversary actions per attack
+    class, each outcome (violation, sanitizer, crash, blocked) next to the catalogue's expectation.
+
+    Exit status: 0 when every outcome is the expected one, 1 otherwise.
+
+    \b
+      pkvm-smmu attacks --policy v4
+      pkvm-smmu attacks --policy hardened --only ste-nested --json out.json
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from pkvm_smmu.hyp.smmuv3 import POLICIES
+    from pkvm_smmu.verify.attacks import ATTACKS, find_attack, run_attack
+    from pkvm_smmu.verify.replay import write_json_atomic
+
+    if policy not in POLICIES:
+        raise click.BadParameter(
+            f"unknown policy '{policy}' (have: {', '.join(sorted(POLICIES))})", param_hint="'--policy'"
+        )
+    try:
+        chosen = [find_attack(name) for name in only] if only else list(ATTACKS)
+    except KeyError as error:
+        raise click.BadParameter(str(error.args[0]), param_hint="'--only'") from None
+    _check_output(json_file, "'--json'")
+    console = Console()
+    if list_only:
+        listing = Table(title="Attack catalogue", title_justify="left")
+        for column in ("Attack", "Class", *sorted(POLICIES), "What"):
+            listing.add_column(column, overflow="fold")
+        for attack in chosen:
+            expected = [str(attack.expected.get(name, "-")) for name in sorted(POLICIES)]
+            listing.add_row(attack.name, attack.attack_class, *expected, attack.description)
+        console.print(listing)
+        return
+    table = Table(title=f"Attacks against policy {policy}", title_justify="left")
+    for column in ("Attack", "Class", "Outcome", "Expected", "", "Finding"):
+        table.add_column(column)
+    results = []
+    for attack in chosen:
+        result = run_attack(attack, policy)
+        results.append(result)
+        first = result.run.findings[0].signature if result.run.findings else ""
+        style = "green" if result.as_expected else "red"
+        table.add_row(
+            attack.name,
+            attack.attack_class,
+            f"[{style}]{result.outcome}[/]",
+            str(result.expected or "-"),
+            "ok" if result.as_expected else "[red]UNEXPECTED[/]",
+            first,
+        )
+    console.print(table)
+    if json_file:
+        write_json_atomic(
+            json_file,
+            {
+                "policy": policy,
+                "attacks": [
+                    {
+                        "name": r.attack.name,
+                        "class": r.attack.attack_class,
+                        "outcome": str(r.outcome),
+                        "expected": str(r.expected) if r.expected else None,
+                        "as_expected": r.as_expected,
+                        "actions": [a.to_json() for a in r.run.actions],
+                        "results": r.run.results,
+                        "findings": [f.to_json() for f in r.run.findings],
+                    }
+                    for r in results
+                ],
+            },
+        )
+    unexpected = [r.attack.name for r in results if not r.as_expected]
+    if unexpected:
+        console.print(
+            f"[red]{len(unexpected)} unexpected outcome(s):[/] {', '.join(unexpected)}", highlight=False
+        )
+        raise SystemExit(1)
+    console.print(f"[green]all {len(results)} outcomes as expected[/]")

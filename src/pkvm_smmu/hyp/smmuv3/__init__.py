@@ -4,6 +4,7 @@ shadow stream table with nesting, GBPA emulation; the emulation rules are a poli
 from pkvm_smmu.hyp.smmuv3.cmdq import ARM_SMMU_POLL_TIMEOUT_US, HypCmdq, tlbi_s2_ipa_commands
 from pkvm_smmu.hyp.smmuv3.device import HypSmmuV3, SmmuDescription, SmmuStructures
 from pkvm_smmu.hyp.smmuv3.driver import SmmuV3HypDriver
+from pkvm_smmu.hyp.smmuv3.hardened import HardenedPolicy
 from pkvm_smmu.hyp.smmuv3.policy import (
     POLICIES,
     CmdAction,
@@ -22,6 +23,7 @@ __all__ = [
     "POLICIES",
     "CmdAction",
     "CommandVerdict",
+    "HardenedPolicy",
     "HypCmdq",
     "HypSmmuV3",
     "IdentityS2",

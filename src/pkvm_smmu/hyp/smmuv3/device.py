@@ -276,6 +276,7 @@ class HypSmmuV3:
         """``smmu_init_device``: MMIO donated to the hyp, mini-probe, shadow queue and stream table,
         GBPA forced to abort. On failure the MMIO pages go back to the host."""
         desc = self.desc
+        self.policy.takeover(self)
         if (desc.mmio_base | desc.mmio_size) & (PAGE_SIZE - 1) or desc.mmio_size < SZ_128K:
             return self._emit_init(-errno.EINVAL, "bad MMIO resource")
         mp = self.iommu.mem_protect
@@ -517,7 +518,9 @@ class HypSmmuV3:
             return self._hw_read(offset, size) & rule.read_mask
         if rule.access is RegAccess.PASS:
             if is_write:
-                self._hw_write(offset, size, value)
+                allowed = self.policy.passthrough_write(self, offset, size, value)
+                if allowed is not None:
+                    self._hw_write(offset, size, allowed)
                 return 0
             return self._hw_read(offset, size)
         handler = self._emulated.get(offset)
@@ -529,6 +532,7 @@ class HypSmmuV3:
     def _emulate_cr0(self, size: int, is_write: bool, value: int) -> int:
         if not is_write:
             return self._hw_read(Reg.CR0, size)
+        value = self.policy.cr0_write(self, value)
         old, self.cr0 = self.cr0, value
         changed = old ^ value
         if changed & _CMDQEN and value & _CMDQEN:

@@ -236,9 +236,22 @@ class V4Policy:
     # posted patches leave CMDQEN to the host's CR0 writes; False reproduces that.
     takeover_enables_cmdq = True
 
+    # -- take-over (patch 17) ----------------------------------------------------------------------
+    def takeover(self, smmu: SmmuContext) -> None:
+        """Called before the hyp takes ``smmu`` over (a variant's hook; v4 does nothing)."""
+
     # -- registers (patch 19) -------------------------------------------------------------------
     def register_access(self, offset: int, size: int, is_write: bool) -> RegisterRule:
         return self.registers.get(offset, DROPPED)
+
+    def passthrough_write(self, smmu: SmmuContext, offset: int, size: int, value: int) -> int | None:
+        """The value a host write to a pass-through register puts in the SMMU, or None to drop it.
+        v4: the host's value, unchanged."""
+        return value
+
+    def cr0_write(self, smmu: SmmuContext, value: int) -> int:
+        """The CR0 value the emulation tracks and writes to the SMMU. v4: the host's value."""
+        return value
 
     def cr1_write(self, smmu: SmmuContext, value: int) -> int | None:
         """The value to write to the SMMU, or None to drop it. v4: written, but "don't mess with
