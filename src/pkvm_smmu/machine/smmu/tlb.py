@@ -76,7 +76,7 @@ class TlbEntry:
 class Tlb:
     """Leaf translations, looked up by tags and address, removed only by invalidation."""
 
-    __slots__ = ("_count", "_fragments", "_nested", "_order", "_s1", "_s2", "_seq", "capacity", "generation")
+    __slots__ = ("_fragments", "_nested", "_order", "_s1", "_s2", "_seq", "capacity", "generation")
 
     def __init__(self, capacity: int | None = None) -> None:
         if capacity is not None and capacity < 0:
@@ -87,10 +87,9 @@ class Tlb:
         self._s1: dict[int, _Space] = {}
         self._s2: dict[int, _Space] = {}
         self._nested: dict[int, _Space] = {}
-        # seq -> entry, oldest first: kept only when a capacity needs the age order (eviction);
-        # without one, entries() sorts the index by seq instead.
-        self._order: OrderedDict[int, TlbEntry] | None = OrderedDict() if capacity is not None else None
-        self._count = 0
+        # seq -> entry, oldest first. Eviction takes the oldest: an OrderedDict does that in O(1);
+        # without a capacity a plain dict is cheaper.
+        self._order: dict[int, TlbEntry] = OrderedDict() if capacity is not None else {}
         self._seq = 0
         # (kind, vm tag, asid tag, size) -> the largest leaf_size of fragments in that bucket
         self._fragments: dict[tuple[TranslationKind, int, int | None, int], int] = {}
@@ -157,13 +156,11 @@ class Tlb:
         if table is None:
             table = by_size[size] = {}
         base = entry.input_base
+        order = self._order
         old = table.get(base)
-        if old is None:
-            self._count += 1
-        else:
+        if old is not None:
             old.alive = False
-            if self._order is not None:
-                del self._order[old.seq]
+            del order[old.seq]
             self.generation += 1
         if entry.leaf_size > size:
             bucket = (kind, vm, tag, size)
@@ -173,33 +170,19 @@ class Tlb:
         entry.seq = seq
         entry.alive = True
         table[base] = entry
-        order = self._order
-        if order is not None:
-            order[seq] = entry
-            capacity = self.capacity
-            assert capacity is not None
-            if self._count > capacity:
-                while self._count > capacity:
-                    self._remove(order.popitem(last=False)[1], ordered=False)
-                self.generation += 1
+        order[seq] = entry
+        capacity = self.capacity
+        if capacity is not None and len(order) > capacity:
+            while len(order) > capacity:
+                self._remove(order.pop(next(iter(order))), ordered=False)  # the oldest
+            self.generation += 1
 
     def entries(self) -> Iterator[TlbEntry]:
         """Every entry, oldest first (a snapshot: invalidating while iterating is safe)."""
-        if self._order is not None:
-            return iter(tuple(self._order.values()))
-        found = [
-            entry
-            for spaces in (self._s1, self._s2, self._nested)
-            for space in spaces.values()
-            for by_size in space.values()
-            for table in by_size.values()
-            for entry in table.values()
-        ]
-        found.sort(key=lambda entry: entry.seq)
-        return iter(found)
+        return iter(tuple(self._order.values()))
 
     def __len__(self) -> int:
-        return self._count
+        return len(self._order)
 
     # -- invalidation (IHI 0070 §4.4) ---------------------------------------------------------------
     def invalidate_nh_all(self, vmid: int) -> None:
@@ -281,11 +264,9 @@ class Tlb:
         order = self._order
         for by_size in space.values():
             for table in by_size.values():
-                self._count -= len(table)
                 for entry in table.values():
                     entry.alive = False
-                    if order is not None:
-                        del order[entry.seq]
+                    del order[entry.seq]
         if self._fragments:
             self._fragments = {
                 key: span for key, span in self._fragments.items() if key[0] is not kind or key[1] != vm
@@ -301,11 +282,9 @@ class Tlb:
             return
         for entry_size, table in by_size.items():
             self._fragments.pop((kind, vm, asid, entry_size), None)
-            self._count -= len(table)
             for entry in table.values():
                 entry.alive = False
-                if self._order is not None:
-                    del self._order[entry.seq]
+                del self._order[entry.seq]
         if not space:
             del spaces[vm]
 
@@ -358,8 +337,7 @@ class Tlb:
         table = by_size[entry.size]
         del table[entry.input_base]
         entry.alive = False
-        self._count -= 1
-        if ordered and self._order is not None:
+        if ordered:
             del self._order[entry.seq]
         if not table:
             del by_size[entry.size]

@@ -65,9 +65,11 @@ IpaTranslator = Callable[[int], "int | WalkFault"]
 Observer = Callable[
     [Transaction, "StreamConfig | None", "ContextConfig | None", "TlbEntry | None", TranslationResult], None
 ]
-# (stream, context, privileged, instruction): a stream and SubstreamID whose checks all passed,
-# the CD stage 1 uses (None: stage 2 only), and the PRIVCFG / INSTCFG overrides (None: incoming).
-_Plan = tuple[StreamConfig, "ContextConfig | None", "bool | None", "bool | None"]
+# (stream, context, incoming, reader): a stream and SubstreamID whose checks all passed, the CD
+# stage 1 uses (None: stage 2 only), whether PnU and InD are the incoming ones (no PRIVCFG or
+# INSTCFG override: only then may the micro-TLB, which checks the incoming ones, answer), and the
+# stream's descriptor reader.
+_Plan = tuple[StreamConfig, "ContextConfig | None", bool, "DescriptorReader"]
 
 
 class AtsStatus(Enum):
@@ -274,15 +276,12 @@ class Translator:
         if plan is not None:
             # The cached STE (and CD) and every check _translate_stream made still hold: no
             # invalidation happened since (it would have dropped the plan).
-            stream, context, privileged, instruction = plan
-            if privileged is None:
-                privileged = txn.privileged
-            instruction = (txn.instruction if instruction is None else instruction) and not txn.is_write
-            self._used_stream = stream
-            self._used_context = context  # _stage1 and _stage2_only set _used_entry
-            if context is None:
-                return self._stage2_only(txn, stream, privileged, instruction)
-            return self._stage1(txn, stream, context, privileged, instruction)
+            stream = self._used_stream = plan[0]
+            if plan[1] is not None:
+                return self._stage1(txn, plan)  # sets _used_context and _used_entry
+            self._used_context = None
+            privileged, instruction = _effective_attributes(txn, stream)
+            return self._stage2_only(txn, stream, privileged, instruction)
         self._used_stream = self._used_context = self._used_entry = None
         looked_up = self.smmu.config_cache.lookup_stream(txn.stream_id)
         if isinstance(looked_up, ConfigFault):
@@ -314,27 +313,23 @@ class Translator:
                 self._used_context = context
                 if context.illegal is not None:
                     return self._report(txn, _Fault(EventType.C_BAD_CD))
-                self._add_plan(txn, stream, context)
-                return self._stage1(txn, stream, context, privileged, instruction)
+                return self._stage1(txn, self._plan(txn, stream, context))
             # S1DSS=BYPASS and no SubstreamID: stage 1 is skipped.
         if stream.s2:
-            self._add_plan(txn, stream, None)
+            self._plan(txn, stream, None)
             return self._stage2_only(txn, stream, privileged, instruction)
         return TranslationResult(Outcome.OK, txn.address)
 
-    def _add_plan(self, txn: Transaction, stream: StreamConfig, context: ContextConfig | None) -> None:
-        # Only what the configuration cache holds (it caches nothing while SMMUEN=0).
+    def _plan(self, txn: Transaction, stream: StreamConfig, context: ContextConfig | None) -> _Plan:
+        sid = stream.sid
+        plan = (stream, context, stream.privcfg < 2 and stream.instcfg < 2, self._descriptor_reader(sid))
+        # Kept only for what the configuration cache holds (it caches nothing while SMMUEN=0).
         if self._regs.cr0ack & _SMMUEN:
             plans = self._plans
             if len(plans) >= _PLANS_MAX:
                 plans.clear()
-            privcfg, instcfg = stream.privcfg, stream.instcfg
-            plans[(txn.stream_id, txn.substream_id)] = (
-                stream,
-                context,
-                None if privcfg < 2 else privcfg == 3,
-                None if instcfg < 2 else instcfg == 3,
-            )
+            plans[(sid, txn.substream_id)] = plan
+        return plan
 
     @staticmethod
     def _cd_index(stream: StreamConfig, ssid: int | None) -> int | _Fault | None:
@@ -354,46 +349,51 @@ class Translator:
         return ssid
 
     # -- stage 1 (and nested) -------------------------------------------------------------------
-    def _stage1(
-        self,
-        txn: Transaction,
-        stream: StreamConfig,
-        context: ContextConfig,
-        privileged: bool,
-        instruction: bool,
-    ) -> TranslationResult:
+    def _stage1(self, txn: Transaction, plan: _Plan) -> TranslationResult:
+        stream, context, incoming, reader = plan
+        assert context is not None
+        self._used_context = context
+        if incoming:
+            privileged = txn.privileged
+            instruction = txn.instruction and not txn.is_write
+        else:
+            privileged, instruction = _effective_attributes(txn, stream)
         va = txn.address
-        upper = (va >> 55) & 1
-        # With TBI the top byte is ignored: treat it as the sign extension of bit 55.
-        if upper:
+        # With TBI the top byte is ignored: treat it as the sign extension of bit 55. EPDx (no
+        # walk), or an input in neither TTB0's nor TTB1's range, is a translation fault. The walk
+        # takes the input reduced to the region (no TTB1 bits): region_base + reduced == tlb_va.
+        if va >> 55 & 1:
             walk_cfg = context.ttb1
             tlb_va = (va & _TOP_BYTE_MASK) | _TOP_BYTE if context.tbi1 else va
+            input_bits = 0 if walk_cfg is None else walk_cfg.input_bits
+            in_range = walk_cfg is not None and tlb_va >> input_bits == _ALL_ONES_64 >> input_bits
+            reduced = tlb_va & ((1 << input_bits) - 1)
+            region_base = tlb_va - reduced
         else:
             walk_cfg = context.ttb0
             tlb_va = va & _TOP_BYTE_MASK if context.tbi0 else va
-        # EPDx (no walk), or an input in neither TTB0's nor TTB1's range.
-        input_bits = 0 if walk_cfg is None else walk_cfg.input_bits
-        if walk_cfg is None or tlb_va >> input_bits != ((_ALL_ONES_64 >> input_bits) if upper else 0):
+            in_range = walk_cfg is not None and not tlb_va >> walk_cfg.input_bits
+            reduced = tlb_va
+            region_base = 0
+        if not in_range:
             self._used_entry = None
             fault = _Fault(EventType.F_TRANSLATION, record=context.record, abort=context.abort)
             return self._report(txn, fault)
+        assert walk_cfg is not None
         tlb = self.smmu.tlb
         nested = stream.s2
         entry = tlb.lookup(_NESTED if nested else _S1, stream.world, stream.vmid, context.asid, tlb_va)
         if self._trace.enabled:
             self._trace_tlb(txn, entry is not None)
         if entry is None:
-            reduced = tlb_va & ((1 << input_bits) - 1)
             if nested:
-                built = self._fill_nested(stream, context, walk_cfg, reduced, tlb_va - reduced)
+                built = self._fill_nested(stream, context, walk_cfg, reduced, region_base, reader)
                 if isinstance(built, _Fault):
                     self._used_entry = None
                     return self._report(txn, built)
                 entry = built
             else:
                 # Stage 1 only, the hottest miss: walked and cached here.
-                sid = stream.sid
-                reader = self._readers.get(sid) or self._descriptor_reader(sid)
                 view = self._ram_view
                 ram = NO_RAM if view is None or self._bus.observers else view
                 walked = walk_raw(walk_cfg, reduced, reader, None, ram)
@@ -404,11 +404,11 @@ class Translator:
                     walked
                 )
                 if self._trace.enabled:
-                    self._trace_walk(sid, 1, path)
+                    self._trace_walk(stream.sid, 1, path)
                 # Positional, in TlbEntry's field order: keywords cost as much as the walk's reads.
                 entry = TlbEntry(
                     _S1, stream.world, stream.vmid, None if glob else context.asid,
-                    tlb_va - reduced + input_base, size, output_base, read, write, unpriv, x, px, attr,
+                    region_base + input_base, size, output_base, read, write, unpriv, x, px, attr,
                     level, path, output_base,
                 )  # fmt: skip
                 tlb.insert(entry)
@@ -433,14 +433,8 @@ class Translator:
         if self._answering_ats:
             self._ats_ipa = entry.ipa_base + (tlb_va - entry.input_base)
         # The micro-TLB answers with the entry's own offset (not for tagged, TBI, addresses) and
-        # checks the incoming PnU and InD: not where PRIVCFG / INSTCFG would decide otherwise.
-        if (
-            tlb_va == va
-            and not instruction
-            and privileged == txn.privileged
-            and stream.instcfg != _INSTCFG_INSTR
-            and self._observer is None
-        ):
+        # checks the incoming PnU and InD.
+        if incoming and not instruction and tlb_va == va and self._observer is None:
             micro = self._micro_tlb
             if len(micro) >= _MICRO_TLB_MAX:
                 micro.clear()
@@ -454,6 +448,7 @@ class Translator:
         walk_cfg: WalkConfig,
         reduced: int,
         region_base: int,
+        reader: DescriptorReader,
     ) -> TlbEntry | _Fault:
         """Walk stage 1 with every table address through stage 2, then stage 2 for the output;
         cache the combined entry (stage-2 leaves are cached on the way)."""
@@ -474,14 +469,12 @@ class Translator:
                 return WalkFault(EventType.F_PERMISSION, 2, s2.level, FaultClass.TT, ipa=ipa)
             return s2.output_base + (ipa - s2.input_base)
 
-        sid = stream.sid
-        reader = self._readers.get(sid) or self._descriptor_reader(sid)
         result = walk_raw(walk_cfg, reduced, reader, translate_table, self._ram())
         if isinstance(result, WalkFault):
             return _stage1_walk_fault(result, stream, context)
         input_base, output_base, level, s1_size, _, _, path, read, write, unpriv, x, px, glob, attr = result
         if self._trace.enabled:
-            self._trace_walk(sid, 1, path)
+            self._trace_walk(stream.sid, 1, path)
         ipa = output_base + (reduced - input_base)
         s2 = lookup_s2(world, vmid, ipa)
         if s2 is None:

@@ -49,7 +49,9 @@ _read_u64 = struct.Struct("<Q").unpack_from
 # Descriptor bits, taken from the arch layouts (the one source of truth for encodings).
 _VALID = TABLE_DESC.VALID.in_place_mask
 _TYPE = TABLE_DESC.TYPE.in_place_mask  # 1: table (L0-2) or page (L3); 0: block
-_OA_END = 1 << (TABLE_DESC.NLTA.hi + 1)  # addresses held in bits [47:G]
+_VALID_TYPE = _VALID | _TYPE
+_OA_BITS = TABLE_DESC.NLTA.hi + 1
+_OA_END = 1 << _OA_BITS  # addresses held in bits [47:G]
 _OA_HI = S1_LEAF.OA_HI.in_place_mask  # OA[51:48] in bits [15:12] (64 KiB granule, 52-bit OA)
 _OA_HI_SHIFT = 48 - S1_LEAF.OA_HI.lo
 _AF = S1_LEAF.AF.in_place_mask
@@ -152,7 +154,7 @@ def walk_raw(
     page_of, ram_first, ram_last = ram
     geometry = cfg.geometry or _geometry(cfg)
     (stage, level, input_bits, stride, output_bits, oa52, first_block, table_mask, shift3, mask8, table,
-     next8) = geometry  # fmt: skip
+     next8, narrow) = geometry  # fmt: skip
     # Stage-2 faults report the IPA being translated; stage 1 has none.
     ipa = address if stage == 2 else 0
     if address >> input_bits:
@@ -179,15 +181,14 @@ def walk_raw(
             if isinstance(read, ExternalAbort):
                 return WalkFault(_F_WALK_EABT, stage, level, _TT if stage == 1 else _IN, ipa, pa)
             desc = read
-        if not desc & _VALID:
-            return WalkFault(_F_TRANSLATION, stage, level, _IN, ipa)
-        if desc & _TYPE:
+        kind = desc & _VALID_TYPE
+        if kind == _VALID_TYPE:
             if level == 3:
                 break  # page
             next_table = desc & table_mask
             if oa52:
                 next_table |= (desc & _OA_HI) << _OA_HI_SHIFT
-            if next_table >> output_bits:
+            if narrow and next_table >> output_bits:
                 return WalkFault(_F_ADDR_SIZE, stage, level, _IN, ipa)
             table_bits |= desc
             table = next_table
@@ -195,6 +196,8 @@ def walk_raw(
             shift3 -= stride
             offset = (address >> shift3) & next8
             continue
+        if kind != _VALID:
+            return WalkFault(_F_TRANSLATION, stage, level, _IN, ipa)
         if level == 3 or level < first_block:
             return WalkFault(_F_TRANSLATION, stage, level, _IN, ipa)  # reserved encoding
         break  # block
@@ -283,6 +286,9 @@ def _geometry(cfg: WalkConfig) -> tuple[int, ...]:
     geometry = (
         cfg.stage, level, input_bits, stride, output_bits, oa52, first_block_level, table_mask, shift - 3,
         (entries - 1) << 3, table, ((1 << stride) - 1) << 3,
+        # Whether a next-level table address can exceed the output size (a 4/16 KiB granule's
+        # table descriptor holds bits [47:G] only).
+        oa52 or output_bits < _OA_BITS,
     )  # fmt: skip
     object.__setattr__(cfg, "geometry", geometry)  # a derived cache on a frozen configuration
     return geometry
