@@ -77,10 +77,13 @@ class HardenedPolicy(V4Policy):
         old = pinned.pop(what, None)
         if old is not None:
             hyp._unshare(old)
-        if not _host_owned(hyp, start, entry_size << log2):
+        size = entry_size << log2
+        # The SMMU ignores address bits below the queue's size: a misaligned base is really the
+        # aligned one below it, which is not what would be checked.
+        if start & (size - 1) or not _host_owned(hyp, start, size):
             smmu.warn(f"{what} base is not host-owned memory: dropped", value=value)
             return None
-        shared = hyp._share(what, start, entry_size << log2)
+        shared = hyp._share(what, start, size)
         if not shared.usable:
             hyp._unshare(shared)
             return None
