@@ -606,6 +606,198 @@ def _print_comparison(console: Console, comparison: Comparison) -> None:
             console.print(f"    ! {problem}", markup=False, highlight=False)
 
 
+# -- fuzz ---------------------------------------------------------------------------------------------------
+
+_SPEC_OPTIONS = {"design": "'--design'", "policy": "'--policy'", "boot-variant": "'--boot-variant'"}
+
+
+@main.command()
+@click.option(
+    "--design",
+    default=DEFAULT_DESIGN,
+    show_default=True,
+    help="The design to attack (trap-emulate, pv-identity, pv-paging).",
+)
+@click.option("--policy", default="v4", show_default=True, help="trap-emulate: the hyp's emulation policy.")
+@click.option("--boot-variant", default="none", metavar="NAME", help="Boot variant; default: the design's.")
+@click.option(
+    "--platform",
+    "platform_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Device tree (DTS or DTB) of the platform; default: the embedded default platform.",
+)
+@click.option("--device", "devices", multiple=True, metavar="SPEC", help="Add a PCI endpoint (repeatable).")
+@click.option("--steps", type=int, default=1000, show_default=True, help="Adversarial steps in the campaign.")
+@click.option(
+    "--episode-steps",
+    type=int,
+    default=100,
+    show_default=True,
+    help="Steps per episode (each on a fresh system).",
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Campaign seed: same seed, same campaign."
+)
+@click.option(
+    "--workers", type=int, default=None, help="Worker processes; default: every core (1: this process)."
+)
+@click.option("--executor", metavar="dask://HOST:PORT", help="Run the episodes on a Dask cluster instead.")
+@click.option(
+    "--out",
+    "out_dir",
+    default="fuzz-out",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Directory for the journal (campaign.jsonl) and the replay files.",
+)
+@click.option("--resume", is_flag=True, help="Continue the campaign in --out, skipping finished episodes.")
+@click.option("--sanitizer", is_flag=True, help="Also attach the sanitizer (reports about the hyp).")
+@click.option("--no-shrink", is_flag=True, help="Do not shrink findings to minimal replays.")
+@click.option(
+    "--step-timeout",
+    type=float,
+    default=120.0,
+    show_default=True,
+    help="Wall-clock seconds one step may take before it is reported as a hang.",
+)
+def fuzz(
+    design: str,
+    policy: str,
+    boot_variant: str,
+    platform_file: str | None,
+    devices: tuple[str, ...],
+    steps: int,
+    episode_steps: int,
+    seed: int,
+    workers: int | None,
+    executor: str | None,
+    out_dir: str,
+    resume: bool,
+    sanitizer: bool,
+    no_shrink: bool,
+    step_timeout: float,
+) -> None:
+    """Attack a design as a malicious host would: seeded episodes of adversarial actions, the
+    isolation oracle after every step, each new finding shrunk to a minimal replay file.
+
+    Exit status: 0 when nothing was found, 1 when something was (see OUT/replays/).
+
+    \b
+      pkvm-smmu fuzz --policy v4 --steps 5000 --seed 1
+      pkvm-smmu fuzz --steps 200000 --workers 16 --out campaign --resume
+      pkvm-smmu fuzz --executor dask://scheduler:8786 --steps 10000000
+    """
+    from pathlib import Path
+
+    from pkvm_smmu.devicetree import DeviceTreeError
+    from pkvm_smmu.machine.platform import DeviceSpecError
+    from pkvm_smmu.scenarios.boot import load_platform_tree, parse_devices
+    from pkvm_smmu.verify.adversary import SpecError, SystemSpec, resolve_spec
+    from pkvm_smmu.verify.fuzz import CampaignConfig, CampaignError, CampaignEvent, run_campaign
+
+    for option, value in (("'--steps'", steps), ("'--episode-steps'", episode_steps)):
+        if value < 1:
+            raise click.BadParameter(f"must be at least 1 (got {value})", param_hint=option)
+    if workers is not None and workers < 1:
+        raise click.BadParameter(f"must be at least 1 (got {workers})", param_hint="'--workers'")
+    if step_timeout <= 0:
+        raise click.BadParameter(f"must be positive (got {step_timeout})", param_hint="'--step-timeout'")
+    spec = SystemSpec(design, policy, boot_variant, platform_file, devices, 0, sanitizer)
+    try:
+        spec = resolve_spec(spec)
+        load_platform_tree(platform_file)
+        parse_devices(devices)
+    except SpecError as error:
+        raise click.BadParameter(
+            str(error), param_hint=_SPEC_OPTIONS.get(error.option, error.option)
+        ) from None
+    except DeviceTreeError as error:
+        raise click.BadParameter(str(error), param_hint="'--platform'") from None
+    except DeviceSpecError as error:
+        raise click.BadParameter(str(error), param_hint="'--device'") from None
+    config = CampaignConfig(
+        spec,
+        seed=seed,
+        steps=steps,
+        episode_steps=episode_steps,
+        workers=workers if workers is not None else (os.cpu_count() or 1),
+        executor=executor,
+        out=Path(out_dir),
+        resume=resume,
+        step_timeout=step_timeout,
+        shrink=not no_shrink,
+    )
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console()
+    where = executor or f"{config.workers} worker{'s' if config.workers != 1 else ''}"
+    console.print(
+        f"[bold]pkvm-smmu fuzz[/]  {spec.describe()}  steps={steps} ({config.episodes} episodes of "
+        f"{episode_steps})  seed={seed}  on {where}  out={out_dir}",
+        highlight=False,
+    )
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("findings: {task.fields[findings]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("episodes", total=config.episodes, findings=0)
+
+        def progress(event: CampaignEvent) -> None:
+            if event.kind in ("start", "episode", "done"):
+                bar.update(task, completed=event.done, findings=event.findings)
+            elif event.kind == "shrink-start":
+                bar.update(task, description="shrinking", findings=event.findings)
+            elif event.kind == "shrink-done":
+                bar.console.print(f"  shrunk {event.text}", markup=False, highlight=False)
+
+        try:
+            summary = run_campaign(config, progress)
+        except CampaignError as error:
+            raise click.BadParameter(str(error), param_hint=f"'{error.option}'") from None
+    _print_campaign(console, summary)
+    if summary.findings or summary.unshrunk:
+        raise SystemExit(1)
+
+
+def _print_campaign(console: Console, summary: object) -> None:
+    from rich.table import Table
+
+    from pkvm_smmu.verify.fuzz import CampaignSummary
+
+    assert isinstance(summary, CampaignSummary)
+    rate = f"{summary.steps_per_second:,.0f} steps/s per worker" if summary.steps_run else "no steps run"
+    skipped = f", {summary.episodes_skipped} resumed" if summary.episodes_skipped else ""
+    console.print(
+        f"{summary.episodes_run} episodes run{skipped}, {summary.steps_run} steps, {rate}, "
+        f"{summary.elapsed_s:.1f} s",
+        highlight=False,
+    )
+    if not summary.findings and not summary.unshrunk:
+        console.print("[green]no findings[/]")
+        return
+    table = Table(title="Findings (one per class, shrunk from its first episode)", title_justify="left")
+    for column in ("Class", "Episode", "Step", "Replay", "Actions"):
+        table.add_column(column)
+    for record in summary.findings:
+        table.add_row(
+            record.signature,
+            str(record.episode),
+            "boot" if record.step < 0 else str(record.step),
+            str(summary.config.out / record.replay),
+            f"{record.length} (from {record.original_length})",
+        )
+    for signature in summary.unshrunk:
+        table.add_row(signature, "-", "-", "(not shrunk)", "-")
+    console.print(table)
+    for record in summary.findings:
+        console.print(f"  {record.signature}: {record.summary}", markup=False, highlight=False)
+
+
 # -- attacks ------------------------------------------------------------------------------------------------
 
 
@@ -695,3 +887,67 @@ def attacks(policy: str, only: tuple[str, ...], list_only: bool, json_file: str 
         )
         raise SystemExit(1)
     console.print(f"[green]all {len(results)} outcomes as expected[/]")
+
+
+# -- replay --------------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--quiet", is_flag=True, help="Only the verdict.")
+def replay(file: str, quiet: bool) -> None:
+    """Re-run a replay file and explain it step by step: each action, what the hyp did about it,
+    and for each finding the stream, the physical pages, their owner and what makes them reachable.
+
+    Exit status: 1 if the expected finding reproduces (for a file that expects nothing: if any
+    finding appears after boot), 0 if it does not, 2 if the file cannot be used.
+
+    \b
+      pkvm-smmu replay fuzz-out/replays/violation-device-hyp-gbpa-bypass-1a2b3c4d.json
+    """
+    from rich.console import Console
+
+    from pkvm_smmu.devicetree import DeviceTreeError
+    from pkvm_smmu.machine.platform import DeviceSpecError
+    from pkvm_smmu.verify.adversary import SpecError
+    from pkvm_smmu.verify.replay import ReplayError, load_replay, run_replay
+
+    err = Console(stderr=True)
+    try:
+        loaded = load_replay(file)
+        result = run_replay(loaded)
+    except ReplayError as error:
+        err.print(f"error: {error}", markup=False, highlight=False)
+        raise SystemExit(2) from None
+    except (SpecError, DeviceTreeError, DeviceSpecError) as error:
+        err.print(f"error: {file}: system: {error}", markup=False, highlight=False)
+        raise SystemExit(2) from None
+    console = Console(soft_wrap=True)
+    expected = loaded.expected
+    if not quiet:
+        console.print(f"[bold]replay[/] {file}: {loaded.system.describe()}", highlight=False)
+        if expected is not None:
+            console.print(f"expects {expected}", markup=False, highlight=False)
+        for step in result.steps:
+            if step.action is None:
+                head = "boot"
+                if not step.findings:
+                    continue
+            else:
+                head = f"step {step.index}: {step.action.describe()}  ->  {step.result}"
+            console.print(head, markup=False, highlight=False)
+            for line in step.hyp_events:
+                console.print(f"    hyp: {line}", markup=False, highlight=False)
+            for finding, lines in zip(step.findings, step.explanations, strict=True):
+                is_expected = expected is not None and finding.signature == expected.signature
+                mark = "EXPECTED " if is_expected else ""
+                console.print(f"    {mark}FINDING [{finding.signature}]", markup=False, highlight=False)
+                if step.action is None and not is_expected:
+                    console.print(f"      {finding.summary} (present at boot)", markup=False, highlight=False)
+                    continue
+                for line in lines:
+                    console.print(f"      {line}", markup=False, highlight=False)
+    if result.reproduced:
+        console.print("[red]REPRODUCED[/] (exit 1)")
+        raise SystemExit(1)
+    console.print("[green]not reproduced[/] (exit 0)")
