@@ -92,9 +92,11 @@ _WIDE = frozenset({Reg.STRTAB_BASE, Reg.CMDQ_BASE, Reg.EVENTQ_BASE, Reg.PRIQ_BAS
                    Reg.EVENTQ_IRQ_CFG0, Reg.PRIQ_IRQ_CFG0, Reg.GERROR_IRQ_CFG0, Reg.GATOS_SID})  # fmt: skip
 _PAGE_TARGETS = ("buffer", "buffer", "mapping", "cmdq", "strtab", "l2", "cd", "pgtable", "foreign", "evtq")
 # What a queue that must stay alive may carry: commands this SMMU accepts with the sane fields.
-_LEGAL_OPCODES = {op: w for op, w in _OPCODE_WEIGHTS.items() if op in (
+_QUEUE_SAFE = frozenset({
     Opcode.CFGI_STE, Opcode.CFGI_STE_RANGE, Opcode.CFGI_CD, Opcode.CFGI_CD_ALL, Opcode.TLBI_NH_ALL,
-    Opcode.TLBI_NH_ASID, Opcode.TLBI_S12_VMALL, Opcode.TLBI_NSNH_ALL, Opcode.SYNC, Opcode.PREFETCH_CONFIG)}  # fmt: skip
+    Opcode.TLBI_NH_ASID, Opcode.TLBI_S12_VMALL, Opcode.TLBI_NSNH_ALL, Opcode.SYNC, Opcode.PREFETCH_CONFIG,
+})  # fmt: skip
+_LEGAL_OPCODES = {op: w for op, w in _OPCODE_WEIGHTS.items() if op in _QUEUE_SAFE}
 _SANE_FIELDS: dict[str, Callable[[Any], int]] = {
     "SSID": lambda rng: rng.choice((0, 1, 2)),
     "SSV": lambda rng: 0,

@@ -14,8 +14,8 @@ from pkvm_smmu.verify.fuzz._findings import (
     from_observed,
     from_sanitizer,
     from_violation,
-    violation_signature,
     is_trusted_exception,
+    violation_signature,
 )
 
 
