@@ -206,7 +206,7 @@ def walk_raw(
     output = desc & (_OA_END - size)
     if oa52:
         output |= (desc & _OA_HI) << _OA_HI_SHIFT
-    if output >> output_bits:
+    if narrow and output >> output_bits:
         return WalkFault(_F_ADDR_SIZE, stage, level, _IN, ipa)
     if not desc & _AF and not cfg.affd:
         return WalkFault(_F_ACCESS, stage, level, _IN, ipa)
