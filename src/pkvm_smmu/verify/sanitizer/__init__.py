@@ -6,6 +6,7 @@ Typical use::
     ...  # boot, run a workload
     for report in sanitizer.finish():
         ...
+    sanitizer.coverage  # what was judged: zero reports of zero checks mean nothing
 
 Checks (each report names the writer's access and where the reliance showed, see ``Check``):
 stale use of cached configuration or translations, non-hitless or ILLEGAL intermediate states of
@@ -15,6 +16,15 @@ queue index misuse), and hyp double fetches of host memory while handling one tr
 
 from pkvm_smmu.verify.sanitizer._core import TRAP_BEGIN, TRAP_END, Sanitizer
 from pkvm_smmu.verify.sanitizer._double_fetch import HostPages
-from pkvm_smmu.verify.sanitizer._report import Check, Location, SanitizerReport
+from pkvm_smmu.verify.sanitizer._report import Check, Coverage, Location, SanitizerReport
 
-__all__ = ["TRAP_BEGIN", "TRAP_END", "Check", "HostPages", "Location", "Sanitizer", "SanitizerReport"]
+__all__ = [
+    "TRAP_BEGIN",
+    "TRAP_END",
+    "Check",
+    "Coverage",
+    "HostPages",
+    "Location",
+    "Sanitizer",
+    "SanitizerReport",
+]

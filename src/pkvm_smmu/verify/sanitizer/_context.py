@@ -6,12 +6,15 @@ from __future__ import annotations
 from typing import Protocol
 
 from pkvm_smmu.machine.memory import Ram
-from pkvm_smmu.verify.sanitizer._report import Location, SanitizerReport
+from pkvm_smmu.verify.sanitizer._report import Coverage, Location, SanitizerReport
 
 
 class RunContext(Protocol):
     @property
     def ram(self) -> Ram: ...
+
+    @property
+    def coverage(self) -> Coverage: ...
 
     def location(self, initiator: str, address: int, what: str = "") -> Location:
         """The current point of the run (after the last trace event delivered)."""

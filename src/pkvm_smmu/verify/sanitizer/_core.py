@@ -21,7 +21,7 @@ from pkvm_smmu.verify.sanitizer._commands import CommandDecoder, is_invalidation
 from pkvm_smmu.verify.sanitizer._double_fetch import DoubleFetchCheck, HostPages
 from pkvm_smmu.verify.sanitizer._hitless import HitlessCheck
 from pkvm_smmu.verify.sanitizer._registers import REG_AT, RegisterCheck
-from pkvm_smmu.verify.sanitizer._report import Location, SanitizerReport
+from pkvm_smmu.verify.sanitizer._report import Coverage, Location, SanitizerReport
 from pkvm_smmu.verify.sanitizer._stale import StaleUseCheck
 
 if TYPE_CHECKING:
@@ -66,6 +66,7 @@ class _SmmuWatch:
         command, address = fetched
         where = Location(event.seq, event.time_ns, self.smmu.name, address, pretty_command(command))
         if is_invalidation(command):
+            self.run.coverage.invalidations += 1
             self.stale.invalidation_consumed(command, where)
             scope = self.decoder.config_scope(command)
             if scope is not None:
@@ -96,6 +97,7 @@ class _SmmuWatch:
         if txn.substream_id is not None:
             device += f" ssid={txn.substream_id:#x}"
         at = self.run.location(device, txn.address, "write" if txn.is_write else "read")
+        self.run.coverage.translations += 1
         self.registers.translation(at)
         self.stale.translation(txn, stream, context, entry, result, at)
         if stream is not None:
@@ -132,6 +134,7 @@ class Sanitizer:
             clock = self.smmus[0].clock
         self.clock = clock
         self.reports: list[SanitizerReport] = []
+        self.coverage = Coverage()
         self._last_seq = -1
         self._trap: Location | None = None
         self._watches = {smmu.name: _SmmuWatch(self, smmu) for smmu in self.smmus}
@@ -240,6 +243,7 @@ class Sanitizer:
         watch = self._mmio_watch(access.address)
         if watch is not None:
             where = self.location(initiator, access.address, _register_write(access, watch))
+            self.coverage.register_writes += 1
             watch.registers.write(access, where)
             return
         if not self.bus.is_ram(access.address, max(access.size, 1)):
@@ -266,6 +270,7 @@ class Sanitizer:
             what = f"{event.fields.get('direction', '')} {_register_name(address, trapped)}".strip()
             self._trap = Location(event.seq, event.time_ns, "host", address, what)
             if self._double_fetch is not None:
+                self.coverage.traps += 1
                 self._double_fetch.trap_begin(self._trap, device)
         elif event.kind == TRAP_END:
             self._trap = None

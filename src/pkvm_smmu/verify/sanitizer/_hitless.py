@@ -366,6 +366,7 @@ class HitlessCheck:
         return not (state ^ other) & self._used_bits(structure, other) & ~safe
 
     def _settle(self, structure: _Structure, where: Location) -> None:
+        self.run.coverage.updates += 1
         synced = structure.synced
         current = read_entry(self.run.ram, structure.address)
         safe = 0

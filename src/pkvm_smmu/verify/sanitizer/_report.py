@@ -67,4 +67,15 @@ class SanitizerReport:
         return f"{text}; missing {self.missing}" if self.missing else text
 
 
-__all__ = ["Check", "Location", "SanitizerReport"]
+@dataclass(slots=True)
+class Coverage:
+    """What the sanitizer has judged so far, so that zero reports can be told from zero checks."""
+
+    translations: int = 0  # translations whose cached STE, CD and TLB entry were checked
+    invalidations: int = 0  # consumed CFGI/TLBI commands (entries dropped, updates settled)
+    updates: int = 0  # STE/CD windows settled (stores judged between two sync points)
+    register_writes: int = 0  # software writes to SMMU registers
+    traps: int = 0  # hyp traps whose reads of host memory were watched
+
+
+__all__ = ["Check", "Coverage", "Location", "SanitizerReport"]
