@@ -424,6 +424,26 @@ def test_a_whole_ste_copied_over_a_live_invalid_one_is_not_atomic() -> None:
     assert report.writer.what == "64-byte write"
 
 
+def test_an_update_never_synced_is_judged_at_the_end() -> None:
+    h, sanitizer = sanitized_harness()
+    s1_stream(h)
+    address = h.ste_address(SID)
+    target = to_words(h.ste_s2(h.s2_table(), vmid=3))
+    h.write_u64(address + 16, target[2])
+    h.write_u64(address, target[0])  # no CFGI ever follows
+    assert sanitizer.reports == []
+    (report,) = sanitizer.finish()
+    assert summary([report]) == [
+        (
+            Check.NOT_HITLESS,
+            f"STE sid={SID:#x} @{address:#x}",
+            address + 16,
+            "one used word changed per sync, or an update through V=0",
+        )
+    ]
+    assert (report.at.initiator, report.at.what) == ("end of run", "no CFGI since")
+
+
 def test_break_before_make_is_not_reported() -> None:
     h, sanitizer = sanitized_harness()
     s1_stream(h)
