@@ -32,7 +32,7 @@ from pkvm_smmu.arch.registers import STRTAB_BASE, STRTAB_BASE_CFG, StrtabFmt
 from pkvm_smmu.arch.strtab import CD, CD_SIZE, L1CD, L1STD, STE, STE_SIZE, SteConfig
 from pkvm_smmu.host.arm_smmu_v3.entry import cd_used, ste_update_safe, ste_used
 from pkvm_smmu.machine.bus import Access
-from pkvm_smmu.machine.memory import PAGE_SHIFT, PAGE_SIZE
+from pkvm_smmu.machine.memory import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, Ram
 from pkvm_smmu.machine.smmu.decode import WORLD_EL1, decode_cd, decode_ste
 from pkvm_smmu.machine.smmu.types import WalkConfig, WalkLeaf
 from pkvm_smmu.machine.smmu.walk import walk
@@ -53,13 +53,57 @@ _S1_CONFIGS = (SteConfig.S1_TRANS, SteConfig.NESTED)
 _WORD_MASK = (1 << 64) - 1
 
 
+class _Shadow:
+    """A copy of table memory, page by page. Pages RAM never backed read as zero and are not
+    copied, so a huge table (a linear CD table of 2^20 entries) costs only what it holds."""
+
+    def __init__(self, ram: Ram, base: int, size: int) -> None:
+        self.base = base
+        self.size = size
+        self._pages: dict[int, bytearray] = {}
+        for pfn in range(base >> PAGE_SHIFT, ((base + size - 1) >> PAGE_SHIFT) + 1):
+            page = ram.page_if_backed(pfn)
+            if page is not None:
+                self._pages[pfn] = bytearray(page)
+
+    def read(self, address: int, length: int) -> bytes:
+        """``length`` bytes within one page."""
+        page = self._pages.get(address >> PAGE_SHIFT)
+        offset = address & PAGE_MASK
+        return bytes(length) if page is None else bytes(page[offset : offset + length])
+
+    def write(self, address: int, data: bytes) -> None:
+        """``data`` within one page."""
+        pfn = address >> PAGE_SHIFT
+        page = self._pages.get(pfn)
+        if page is None:
+            page = self._pages[pfn] = bytearray(PAGE_SIZE)
+        offset = address & PAGE_MASK
+        page[offset : offset + len(data)] = data
+
+    def nonzero_words(self, stride: int) -> list[tuple[int, int]]:
+        """(address, value) of every non-zero 64-bit word at ``stride``-aligned offsets."""
+        found = []
+        end = self.base + self.size
+        for pfn, page in sorted(self._pages.items()):
+            first = max(self.base, pfn << PAGE_SHIFT)
+            last = min(end, (pfn + 1) << PAGE_SHIFT)
+            first += -(first - self.base) % stride
+            words = memoryview(page).cast("Q")
+            for address in range(first, last, stride):
+                value = words[(address & PAGE_MASK) >> 3]
+                if value:
+                    found.append((address, value))
+        return found
+
+
 @dataclass(eq=False)
 class _Region:
     """Table memory the SMMU can reach, with a shadow copy of its contents."""
 
     kind: str
     base: int
-    shadow: bytearray
+    shadow: _Shadow
     first: int  # STE: SID of the first entry; CD: CD index of the first entry; L1: first L1 index
     world: str = WORLD_EL1  # CD tables: the StreamWorld their CDs are decoded in
     leaf_bits: int = 0  # L1STD: SPLIT; L1CD: CD index bits per L2 table
@@ -69,8 +113,12 @@ class _Region:
     children: dict[int, list[_Region]] = field(default_factory=dict)  # L1 index -> L2 tables
 
     @property
+    def size(self) -> int:
+        return self.shadow.size
+
+    @property
     def end(self) -> int:
-        return self.base + len(self.shadow)
+        return self.base + self.shadow.size
 
     def reaching_sids(self) -> set[int]:
         return self.parent.reaching_sids() if self.parent is not None else self.sids
@@ -155,7 +203,7 @@ class HitlessCheck:
         s2: WalkConfig | None = None,
         parent: _Region | None = None,
     ) -> _Region:
-        shadow = bytearray(self.run.ram.read(base, size))
+        shadow = _Shadow(self.run.ram, base, size)
         return self._add(_Region(kind, base, shadow, first, world, leaf_bits, s2, parent=parent))
 
     def _build_stream_table(self) -> None:
@@ -174,16 +222,17 @@ class HitlessCheck:
         entries = max(1, 1 << (log2size - split))
         root = self._region(L1STD_TABLE, base & ~(entries * 8 - 1), entries * 8, 0, leaf_bits=split)
         self._root = root
-        words = memoryview(root.shadow).cast("Q")
-        for index, desc in enumerate(words):
-            if desc & 0x1F:  # SPAN
-                self._l1_changed(root, index)
+        self._scan_l1(root)
+
+    def _scan_l1(self, region: _Region) -> None:
+        for address, _ in region.shadow.nonzero_words(8):
+            self._l1_changed(region, (address - region.base) // 8)
 
     def _l1_changed(self, region: _Region, index: int) -> None:
         """An L1 descriptor changed: its old L2 table is unreachable, its new one reachable."""
         for child in region.children.pop(index, []):
             self._remove(child)
-        desc = int.from_bytes(region.shadow[8 * index : 8 * index + 8], "little")
+        desc = int.from_bytes(region.shadow.read(region.base + 8 * index, 8), "little")
         if region.kind == L1STD_TABLE:
             span = L1STD.SPAN.get(desc)
             if not 0 < span <= region.leaf_bits + 1:
@@ -205,12 +254,10 @@ class HitlessCheck:
         ]
 
     def _scan_stes(self, region: _Region) -> None:
-        words = memoryview(region.shadow).cast("Q")
-        for slot in range(0, len(words), 8):
-            word0 = words[slot]
+        for address, word0 in region.shadow.nonzero_words(STE_SIZE):
             if word0 & 1 and STE.CONFIG.get(word0) in _S1_CONFIGS:
-                sid = region.first + slot // 8
-                self._refresh_cds(sid, [int.from_bytes(region.shadow[8 * slot : 8 * slot + 64], "little")])
+                sid = region.first + (address - region.base) // STE_SIZE
+                self._refresh_cds(sid, [int.from_bytes(region.shadow.read(address, STE_SIZE), "little")])
 
     def _refresh_cds(self, sid: int, stes: list[int]) -> None:
         """The CD tables ``sid`` reaches through any of these values of its STE (tables it still
@@ -226,7 +273,7 @@ class HitlessCheck:
                 continue
             region.sids.discard(sid)
             if not region.sids:
-                self._cd_tables.pop((region.kind, region.base, len(region.shadow)), None)
+                self._cd_tables.pop((region.kind, region.base, region.size), None)
                 self._remove(region)
         if roots:
             self._cd_roots[sid] = roots
@@ -256,8 +303,7 @@ class HitlessCheck:
                 )
                 self._cd_tables[key] = region
                 if kind == L1CD_TABLE:
-                    for index in range(chunk // 8):
-                        self._l1_changed(region, index)
+                    self._scan_l1(region)
             tables.append(region)
         return tables
 
@@ -297,13 +343,12 @@ class HitlessCheck:
         first_slot = (start - region.base) // entry_size
         last_slot = (end - 1 - region.base) // entry_size
         for slot in range(first_slot, last_slot + 1):
-            offset = slot * entry_size
-            address = region.base + offset
-            old = bytes(region.shadow[offset : offset + entry_size])
+            address = region.base + slot * entry_size
+            old = region.shadow.read(address, entry_size)
             new = ram.read(address, entry_size)
             if old == new:
                 continue
-            region.shadow[offset : offset + entry_size] = new
+            region.shadow.write(address, new)
             if region.kind in (L1STD_TABLE, L1CD_TABLE):
                 self._l1_changed(region, slot)
                 continue
