@@ -35,6 +35,8 @@ from pkvm_smmu.host.driver_core import (
     Resource,
     platform_device_register,
 )
+from pkvm_smmu.host.drivers.dma_endpoint import COMPATIBLE as DMA_ENDPOINT_COMPATIBLE
+from pkvm_smmu.host.drivers.dma_endpoint import DmaEndpointDev, DmaEndpointDriver
 from pkvm_smmu.host.drivers.dma_engine import DmaEngineDev, DmaEngineDriver
 from pkvm_smmu.host.firmware import (
     Firmware,
@@ -215,6 +217,7 @@ class HostKernel:
         self.smmu_driver = ArmSmmuV3Driver(self.kernel, env, smmu_level)
         self.pci_host = PciHostGenericDriver(self.kernel, cpu, self.fw, self.irq)
         self.dma_engine = DmaEngineDriver(self.kernel, cpu, self.mm, self.iommu, self.irq)
+        self.dma_endpoint = DmaEndpointDriver(self.kernel, self.mm, self.iommu)
         self.platform_devices: dict[Hashable, PlatformDevice] = {}
         self.booted = False
         self.arch = arch
@@ -264,6 +267,10 @@ class HostKernel:
         # Built-in drivers at device_initcall run in link order: drivers/pci, drivers/dma, drivers/iommu.
         self.pci_host.register()
         self.dma_engine.register()
+        if self.fw.tree.compatible_nodes(DMA_ENDPOINT_COMPATIBLE):
+            # Only linked in for platforms that have such a device, so platforms without one
+            # boot (initcall by initcall) exactly as before.
+            self.dma_endpoint.register()
         self.smmu_driver.register()
         if self.arch is not None:
             self.arch.late_linked_initcalls(self)
@@ -336,6 +343,11 @@ class HostKernel:
     def dma_engines(self) -> dict[str, DmaEngineDev]:
         """Bound DMA engines by device name, in bind order."""
         return dict(self.dma_engine.engines)
+
+    @property
+    def dma_endpoints(self) -> dict[str, DmaEndpointDev]:
+        """Bound generic DMA endpoints by device name, in bind order."""
+        return dict(self.dma_endpoint.endpoints)
 
     def device(self, name: str) -> Device | None:
         return next((dev for dev in self.kernel.devices if dev.name == name), None)

@@ -2,7 +2,9 @@
 
 ``build_machine(tree)`` makes RAM from ``memory`` nodes, an ``SmmuV3`` per ``arm,smmu-v3`` node,
 an MSI doorbell per GICv3 ITS (or GICv2m frame), a ``DmaEngine`` per ``pkvm-smmu,dma-engine``
-node (StreamID from ``iommus``), and per ``pci-host-ecam-generic`` node an ECAM host bridge whose
+node (StreamID from ``iommus``), a bare ``DmaEndpoint`` per ``pkvm-smmu,dma-endpoint`` node (a
+generic workload device with no registers: StreamID from ``iommus``, ATS with ``pkvm-smmu,ats``;
+``Machine.dma_endpoints`` by node path), and per ``pci-host-ecam-generic`` node an ECAM host bridge whose
 endpoints get their StreamIDs from ``iommu-map``/``iommu-map-mask``. PCI endpoints come from the
 bridge's ``pkvm-smmu,endpoints`` strings and from ``extra_devices`` (QEMU-style specs, see
 ``parse_device_spec``); "firmware" assigns their BAR0s from the bridge's memory window.
@@ -52,6 +54,8 @@ from pkvm_smmu.machine.smmu.options import SmmuOptions
 from pkvm_smmu.trace.bus import TraceBus
 
 DMA_ENGINE = "pkvm-smmu,dma-engine"
+DMA_ENDPOINT = "pkvm-smmu,dma-endpoint"
+ATS_PROPERTY = "pkvm-smmu,ats"
 ENDPOINTS_PROPERTY = "pkvm-smmu,endpoints"
 GIC_V3_ITS = "arm,gic-v3-its"
 GIC_V2M_FRAME = "arm,gic-v2m-frame"
@@ -182,6 +186,7 @@ class Machine:
     msi_doorbells: dict[str, MsiDoorbell] = field(default_factory=dict)  # node path -> doorbell
     pci_bridges: dict[str, PciHostBridge] = field(default_factory=dict)  # node path -> bridge
     dma_devices: dict[str, DmaDevice] = field(default_factory=dict)  # name -> device
+    dma_endpoints: dict[str, DmaEndpoint] = field(default_factory=dict)  # node path -> generic endpoint
     _host_cpu: CpuPort | None = field(default=None, init=False, repr=False)
     _hyp_cpu: CpuPort | None = field(default=None, init=False, repr=False)
 
@@ -252,6 +257,7 @@ def build_machine(
     _add_msi_doorbells(machine)
     _add_smmus(machine, features, options)
     _add_platform_dma_engines(machine)
+    _add_platform_dma_endpoints(machine)
     _add_pci_bridges(machine, specs)
     _check_stream_ids(machine)
     trace.metadata.setdefault("platform", tree.source)
@@ -270,6 +276,9 @@ def _trace_inventory(machine: Machine) -> None:
     for device in machine.dma_devices.values():
         emit("platform", "dma-device", name=device.name, sid=device.stream_id, smmu=device.smmu,
              bdf=str(device.bdf) if device.bdf else None, node=device.node, ats=device.ats)  # fmt: skip
+    for path, endpoint in machine.dma_endpoints.items():
+        emit("platform", "dma-endpoint", name=endpoint.name, node=path, sid=endpoint.stream_id,
+             ats=endpoint.ats_capable)  # fmt: skip
 
 
 def _map(machine: Machine, node: Node, base: int, size: int, device: MmioDevice | None, name: str) -> None:
@@ -411,6 +420,24 @@ def _add_platform_dma_engines(machine: Machine) -> None:
             name, engine, endpoint, sid, smmu_path, node=node.path, mmio_base=region.address,
             irq_line=engine.irq_line,
         )  # fmt: skip
+
+
+def _add_platform_dma_endpoints(machine: Machine) -> None:
+    """A generic endpoint: DMA of any size and address through its first ``iommus`` entry (or
+    straight to the bus without one); ATS only behind an SMMU."""
+    for node in machine.tree.compatible_nodes(DMA_ENDPOINT):
+        entries = node.prop("iommus").phandle_args("#iommu-cells") if node.has("iommus") else []
+        entries = [e for e in entries if e.target.available]
+        ats = node.has(ATS_PROPERTY)
+        if entries:
+            sid = entries[0].args[0]
+            upstream = _upstream_of(machine, node, "iommus", entries[0].target, sid, "iommus")
+        elif ats:
+            raise node.error("an ATS-capable endpoint needs an SMMU (no usable iommus)", ATS_PROPERTY)
+        else:
+            sid = 0
+            upstream = DirectUpstream(machine.bus, node.name).as_upstream()
+        machine.dma_endpoints[node.path] = DmaEndpoint(node.name, upstream, sid, ats_capable=ats)
 
 
 def _bridge_for(machine: Machine, spec: DeviceSpec, bridges: list[Node]) -> Node:

@@ -3,7 +3,8 @@
 ``boot_native`` builds the machine a tree describes (plus ``--device`` endpoints), assembles the
 host kernel on the machine's EL1 CPU port, wires interrupts, and boots. ``run_dma_workload``
 copies through every DMA engine's default DMA domain and makes one engine fault on an IOVA its
-domain does not map. ``run_native`` does both and reports.
+domain does not map. ``run_native`` does both and reports. ``run_endpoint_workload`` drives the
+generic endpoints (``pkvm-smmu,dma-endpoint``), if the platform has any, through their driver.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from dataclasses import dataclass
 
 from pkvm_smmu.devicetree import DeviceTreeError
 from pkvm_smmu.host.drivers.dma_engine import PAGE_SIZE, CopyResult, FaultResult
+from pkvm_smmu.host.iommu import DomainType
 from pkvm_smmu.host.kernel import HostKernel, KernelParams
 from pkvm_smmu.machine.clock import Clock
+from pkvm_smmu.machine.devices.endpoint import DmaResult
 from pkvm_smmu.machine.platform import DeviceSpecError, Machine, build_machine
 from pkvm_smmu.scenarios.boot import (
     RunOptions,
@@ -84,6 +87,62 @@ def run_dma_workload(host: HostKernel, seed: int) -> tuple[list[CopyResult], lis
     return copies, faults
 
 
+@dataclass(frozen=True)
+class EndpointCheck:
+    """One generic endpoint's round trip: a seeded pattern written by the device to ``dma_addr``,
+    read back by the device, found by the CPU at ``cpu_pa``; then a DMA to the unmapped IOVA."""
+
+    device: str
+    stream_id: int
+    domain: str | None  # the default domain's type ("dma", "identity"...)
+    size: int
+    cpu_pa: int
+    dma_addr: int
+    write: DmaResult
+    read: DmaResult
+    in_ram: bool  # RAM at cpu_pa holds the pattern
+    read_back: bool  # the device read the pattern back
+    after_unmap: DmaResult  # a read of dma_addr once the buffer was unmapped
+
+    @property
+    def ok(self) -> bool:
+        return self.write.ok and self.read_back and self.in_ram
+
+    @property
+    def unmapped_aborts(self) -> bool:
+        return not self.after_unmap.ok
+
+
+def run_endpoint_workload(
+    host: HostKernel, machine: Machine, seed: int = 0, size: int = PAGE_SIZE
+) -> list[EndpointCheck]:
+    """For each bound generic endpoint: map a buffer, DMA a seeded pattern in and out of it, check
+    RAM, unmap (and let a flush queue drain), then DMA to the stale IOVA."""
+    checks: list[EndpointCheck] = []
+    by_node = machine.dma_endpoints
+    for name, bound in host.dma_endpoints.items():
+        fwnode = bound.dev.fwnode
+        device = by_node.get(getattr(fwnode, "path", ""))
+        buf = bound.map_buffer(size) if device is not None else None
+        if device is None or buf is None:
+            continue
+        domain = host.domain_of(bound.dev)
+        pattern = random.Random(f"{seed}:{name}:{size}").randbytes(size)
+        write = device.write(buf.dma_addr, pattern)
+        read = device.read(buf.dma_addr, size)
+        ram = host.cpu.read_bytes(buf.cpu_pa, size)
+        bound.unmap_buffer(buf)
+        if domain is not None and domain.type is DomainType.DMA_FQ:
+            host.cpu.udelay(host.params.iommu.fq_timeout_ms * 1000 + 1)
+            host.run_timers()
+        after = device.read(buf.dma_addr, 8)
+        checks.append(EndpointCheck(
+            name, device.stream_id, domain.type.value if domain is not None else None, size, buf.cpu_pa,
+            buf.dma_addr, write, read, ram == pattern, read.ok and read.data == pattern, after,
+        ))  # fmt: skip
+    return checks
+
+
 def run_native(options: RunOptions) -> RunReport:
     """Boot natively, run the DMA workload, report; write the trace files the options name.
     Bad input raises before any file is written; a run that fails later keeps its JSONL trace."""
@@ -120,4 +179,12 @@ def run_native(options: RunOptions) -> RunReport:
     return report
 
 
-__all__ = ["DESIGN", "NativeSystem", "boot_native", "run_dma_workload", "run_native"]
+__all__ = [
+    "DESIGN",
+    "EndpointCheck",
+    "NativeSystem",
+    "boot_native",
+    "run_dma_workload",
+    "run_endpoint_workload",
+    "run_native",
+]
