@@ -653,6 +653,13 @@ _SPEC_OPTIONS = {"design": "'--design'", "policy": "'--policy'", "boot-variant":
 @click.option("--resume", is_flag=True, help="Continue the campaign in --out, skipping finished episodes.")
 @click.option("--sanitizer", is_flag=True, help="Also attach the sanitizer (reports about the hyp).")
 @click.option("--no-shrink", is_flag=True, help="Do not shrink findings to minimal replays.")
+@click.option("--shrink-only", metavar="REGEX", help="Shrink only the finding classes this matches.")
+@click.option(
+    "--keep-queue-alive",
+    is_flag=True,
+    help="Never stop the hyp's command queue (no illegal commands, CMDQEN clears or PROD games): "
+    "several times more steps per second, less coverage.",
+)
 @click.option(
     "--step-timeout",
     type=float,
@@ -675,6 +682,8 @@ def fuzz(
     resume: bool,
     sanitizer: bool,
     no_shrink: bool,
+    shrink_only: str | None,
+    keep_queue_alive: bool,
     step_timeout: float,
 ) -> None:
     """Attack a design as a malicious host would: seeded episodes of adversarial actions, the
@@ -702,6 +711,13 @@ def fuzz(
         raise click.BadParameter(f"must be at least 1 (got {workers})", param_hint="'--workers'")
     if step_timeout <= 0:
         raise click.BadParameter(f"must be positive (got {step_timeout})", param_hint="'--step-timeout'")
+    if shrink_only is not None:
+        import re
+
+        try:
+            re.compile(shrink_only)
+        except re.error as error:
+            raise click.BadParameter(f"'{shrink_only}': {error}", param_hint="'--shrink-only'") from None
     spec = SystemSpec(design, policy, boot_variant, platform_file, devices, 0, sanitizer)
     try:
         spec = resolve_spec(spec)
@@ -726,6 +742,8 @@ def fuzz(
         resume=resume,
         step_timeout=step_timeout,
         shrink=not no_shrink,
+        shrink_match=shrink_only,
+        keep_queue_alive=keep_queue_alive,
     )
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

@@ -321,7 +321,7 @@ class IommuUnmap(Action):
 
 @dataclass(frozen=True)
 class Advance(Action):
-    """Let ``ns`` nanoseconds of modeled time pass, then run the host's due timers."""
+    """Let ``ns`` nanoseconds of modeled time pass (at most 10 ms), then run the host's due timers."""
 
     KIND: ClassVar[str] = "advance"
     ns: int = 1000

@@ -11,14 +11,19 @@ worker finished first.
 
 The journal (``OUT/campaign.jsonl``) has one JSON object per line::
 
-    {"type": "campaign", "version": 1, "system": {...}, "seed": 7, "steps": 2000, "episode_steps": 100}
+    {"type": "campaign", "version": 1, "system": {...}, "seed": 7, "steps": 2000, "episode_steps": 100,
+     "keep_queue_alive": false}
     {"type": "episode", "episode": 3, "seed": ..., "steps": 100, "findings": [{...}], "hung": false, ...}
     {"type": "finding", "signature": "...", "kind": "violation", "episode": 3, "step": 41,
      "summary": "...", "replay": "replays/violation-....json", "length": 2, "original_length": 42}
     {"type": "done", "episodes": 20, "findings": 3, "elapsed_s": 12.5}
 
 Each line is flushed and synced when written. ``resume`` reads the journal back (ignoring a line
-cut short by a kill), skips the episodes it records and the finding classes already shrunk.
+cut short by a kill), skips the episodes it records and the finding classes already shrunk; the
+header must match (system, seed, episode length, generator mode), ``steps`` may grow.
+
+Shrinking costs runs (up to ``max_shrink_runs`` per class); ``shrink_match`` limits it to the
+classes a regular expression matches, the others are listed as found but not shrunk.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +81,8 @@ class CampaignConfig:
     max_shrink_runs: int = DEFAULT_MAX_RUNS
     max_shrink_seconds: float = DEFAULT_MAX_SECONDS
     fork: bool | None = None  # None: fork where the OS can
+    keep_queue_alive: bool = False  # the generator never stops the hyp's command queue (faster)
+    shrink_match: str | None = None  # a regular expression: shrink only the classes it matches
 
     @property
     def episodes(self) -> int:
@@ -176,22 +183,23 @@ def _runner(spec: SystemSpec, fork: bool | None, step_timeout: float) -> Runner:
 
 
 def episode_task(
-    spec: SystemSpec, fork: bool | None, timeout: float, index: int, seed: int, steps: int
+    spec: SystemSpec, fork: bool | None, timeout: float, alive: bool, index: int, seed: int, steps: int
 ) -> EpisodeResult:
-    outcome = _runner(spec, fork, timeout).run_episode(seed, steps)
+    outcome = _runner(spec, fork, timeout).run_episode(seed, steps, keep_queue_alive=alive)
     return EpisodeResult(index, seed, steps, outcome)
 
 
 def reproduce_task(
-    spec: SystemSpec, fork: bool | None, timeout: float, seed: int, steps: int, signature: str
+    spec: SystemSpec, fork: bool | None, timeout: float, alive: bool, seed: int, steps: int, signature: str
 ) -> RunOutcome:
-    return _runner(spec, fork, timeout).run_episode(seed, steps, stop_at=signature)
+    return _runner(spec, fork, timeout).run_episode(seed, steps, stop_at=signature, keep_queue_alive=alive)
 
 
 def shrink_task(
     spec: SystemSpec,
     fork: bool | None,
     timeout: float,
+    alive: bool,
     actions: list[Action],
     finding: Finding,
     max_runs: int,
@@ -203,20 +211,27 @@ def shrink_task(
 # -- executors -----------------------------------------------------------------------------------------------
 
 
-class _InProcess(Executor):
-    """``workers=1``: every task in this process, at submit time (the template system is reused)."""
+class _InProcess:
+    """``workers=1``: the tasks run in this process, one after the other, when their results are
+    asked for (so progress shows as they finish); the template system is reused throughout."""
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        future: Future[Any] = Future()
-        try:
-            future.set_result(fn(*args, **kwargs))
-        except BaseException as exc:
-            future.set_exception(exc)
-        return future
+
+Call = tuple[Callable[..., Any], tuple[Any, ...]]
+
+
+def _results(executor: Executor | _InProcess, calls: dict[Any, Call]) -> Iterator[tuple[Any, Any]]:
+    """``(key, result)`` for each call, as they complete."""
+    if isinstance(executor, _InProcess):
+        for key, (fn, args) in calls.items():
+            yield key, fn(*args)
+        return
+    futures = {executor.submit(fn, *args): key for key, (fn, args) in calls.items()}
+    for future in as_completed(futures):
+        yield futures[future], future.result()
 
 
 @contextmanager
-def _executor(config: CampaignConfig) -> Iterator[Executor]:
+def _executor(config: CampaignConfig) -> Iterator[Executor | _InProcess]:
     if config.executor is not None:
         if not config.executor.startswith(DASK_PREFIX) or len(config.executor) == len(DASK_PREFIX):
             raise CampaignError("--executor", f"'{config.executor}': expected dask://HOST:PORT")
@@ -270,6 +285,7 @@ def _header(config: CampaignConfig) -> dict[str, Any]:
         "seed": config.seed,
         "steps": config.steps,
         "episode_steps": config.episode_steps,
+        "keep_queue_alive": config.keep_queue_alive,
     }
 
 
@@ -287,7 +303,7 @@ def _open_journal(config: CampaignConfig) -> _Journal:
     if head is None or head.get("type") != "campaign":
         raise CampaignError("--out", f"{path}: not a campaign journal (no header line)")
     mine = _header(config)
-    for key in ("version", "system", "seed", "episode_steps"):
+    for key in ("version", "system", "seed", "episode_steps", "keep_queue_alive"):
         if head.get(key) != mine[key]:
             raise CampaignError(
                 "--resume", f"{path} is another campaign ({key} {head.get(key)!r}, not {mine[key]!r})"
@@ -350,15 +366,14 @@ def run_campaign(config: CampaignConfig, progress: Progress | None = None) -> Ca
         for brief in record.get("findings", []):
             _note(first, index, Finding(brief["kind"], brief["signature"], brief["step"], brief["summary"]))
     notify(CampaignEvent("start", summary.episodes_skipped, total, len(first)))
-    args = (spec, config.fork, config.step_timeout)
+    args = (spec, config.fork, config.step_timeout, config.keep_queue_alive)
     with _executor(config) as executor:
-        futures = [
-            executor.submit(episode_task, *args, i, episode_seed(config.seed, i), config.episode_length(i))
+        episodes: dict[Any, Call] = {
+            i: (episode_task, (*args, i, episode_seed(config.seed, i), config.episode_length(i)))
             for i in todo
-        ]
+        }
         done = summary.episodes_skipped
-        for future in as_completed(futures):
-            result: EpisodeResult = future.result()
+        for _, result in _results(executor, episodes):
             journal.write(result.to_json())
             done += 1
             summary.episodes_run += 1
@@ -369,27 +384,30 @@ def run_campaign(config: CampaignConfig, progress: Progress | None = None) -> Ca
                     actions_of[(finding.signature, result.index)] = list(result.outcome.actions)
             notify(CampaignEvent("episode", done, total, len(first), f"episode {result.index}"))
         pending = sorted(sig for sig in first if sig not in journal.findings)
-        if not config.shrink:
-            summary.unshrunk = pending
-            pending = []
-        shrinks: dict[Future[Any], tuple[str, int, Finding]] = {}
+        match = re.compile(config.shrink_match) if config.shrink_match else None
+        summary.unshrunk = [
+            s for s in pending if not config.shrink or (match is not None and not match.search(s))
+        ]
+        pending = [s for s in pending if s not in summary.unshrunk]
+        # Classes first seen in an earlier session: run their episode again, up to the finding.
+        again: dict[Any, Call] = {}
+        for signature in pending:
+            index, _ = first[signature]
+            if (signature, index) not in actions_of:
+                seed = episode_seed(config.seed, index)
+                again[signature] = (reproduce_task, (*args, seed, config.episode_length(index), signature))
+        for signature, outcome in _results(executor, again):
+            actions_of[(signature, first[signature][0])] = list(outcome.actions)
+        shrinks: dict[Any, Call] = {}
         for signature in pending:
             index, finding = first[signature]
-            actions = actions_of.get((signature, index))
-            if actions is None:  # found in an earlier session: run the episode again up to it
-                seed = episode_seed(config.seed, index)
-                outcome = executor.submit(
-                    reproduce_task, *args, seed, config.episode_length(index), signature
-                )
-                actions = list(outcome.result().actions)
-            notify(CampaignEvent("shrink-start", findings=len(first), text=signature))
-            task = executor.submit(
-                shrink_task, *args, actions, finding, config.max_shrink_runs, config.max_shrink_seconds
-            )
-            shrinks[task] = (signature, index, finding)
-        for task in as_completed(list(shrinks)):
-            signature, index, finding = shrinks[task]
-            shrunk: Shrunk = task.result()
+            actions = actions_of[(signature, index)]
+            limits = (config.max_shrink_runs, config.max_shrink_seconds)
+            shrinks[signature] = (shrink_task, (*args, actions, finding, *limits))
+        if shrinks:
+            notify(CampaignEvent("shrink-start", findings=len(first), text=", ".join(shrinks)))
+        for signature, shrunk in _results(executor, shrinks):
+            index, finding = first[signature]
             name = f"{REPLAYS}/{replay_name(signature)}"
             origin = {
                 "campaign_seed": config.seed,
@@ -412,11 +430,8 @@ def run_campaign(config: CampaignConfig, progress: Progress | None = None) -> Ca
             )
             journal.write(shrunk_record.to_json())
             journal.findings[signature] = shrunk_record.to_json()
-            notify(
-                CampaignEvent(
-                    "shrink-done", findings=len(first), text=f"{signature}: {len(shrunk.actions)} actions"
-                )
-            )
+            text = f"{signature}: {len(shrunk.actions)} actions"
+            notify(CampaignEvent("shrink-done", findings=len(first), text=text))
     for signature in sorted(journal.findings):
         data = {k: v for k, v in journal.findings[signature].items() if k != "type"}
         summary.findings.append(FindingRecord(**data))

@@ -9,8 +9,10 @@ Kinds:
   host chose (DESIGN.md rule 3 says that never happens);
 - ``sanitizer``: the sanitizer caught the hyp relying on something the architecture does not
   guarantee (reports whose writer is the host are the adversary's own doing and are not findings);
-- ``hang``: one step did not finish within the runner's wall-clock budget (an unbounded loop, or
-  the hyp spending unbounded modeled time in one trap).
+- ``stall``: one step took more than ``STALL_NS`` of modeled time (30 s): the hyp or the SMMU
+  kept the host's CPU for that long (a denial of service, not an isolation failure);
+- ``hang``: one step did not finish within the runner's wall-clock budget (an unbounded loop, or a
+  stall so long that simulating it is not worth the wait).
 
 A finding's ``signature`` is its class: stable across runs and independent of addresses, so the
 shrinker can ask "does this shorter script still find *that*?" and a campaign reports each class
@@ -27,7 +29,8 @@ from typing import Any
 
 from pkvm_smmu.verify.oracle import ObservedViolation, Violation
 
-KINDS = ("violation", "observed", "crash", "sanitizer", "hang")
+KINDS = ("violation", "observed", "crash", "sanitizer", "stall", "hang")
+STALL_NS = 30_000_000_000  # modeled time one step may take before it is a stall finding
 BOOT = -1  # the step of a finding present before any action
 
 # Frames of these parts of the package are trusted or part of the tools: an exception raised through
@@ -185,15 +188,20 @@ def from_exception(exc: BaseException, step: int, where: str = "") -> Finding:
     return Finding("crash", signature, step, summary, details)
 
 
-def hang(step: int, seconds: float) -> Finding:
-    return Finding(
-        "hang", "hang:step", step, f"the step did not finish within {seconds:g} s of wall-clock time"
-    )
+def stall(step: int, kind: str, modeled_ns: int) -> Finding:
+    seconds = modeled_ns / 1e9
+    return Finding("stall", f"stall:{kind}", step, f"the step took {seconds:.1f} s of modeled time")
+
+
+def hang(step: int, kind: str, seconds: float) -> Finding:
+    summary = f"the step ({kind}) did not finish within {seconds:g} s of wall-clock time"
+    return Finding("hang", f"hang:{kind}", step, summary)
 
 
 __all__ = [
     "BOOT",
     "KINDS",
+    "STALL_NS",
     "Finding",
     "from_exception",
     "from_observed",
@@ -202,6 +210,7 @@ __all__ = [
     "hang",
     "is_trusted_exception",
     "owner_kind",
+    "stall",
     "violation_signature",
     "violation_tags",
 ]

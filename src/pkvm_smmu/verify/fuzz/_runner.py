@@ -45,10 +45,10 @@ class RunOutcome:
         return next((f for f in self.findings if f.signature == signature), None)
 
 
-def generated(system: System, seed: int, steps: int) -> Iterator[Action]:
+def generated(system: System, seed: int, steps: int, *, keep_queue_alive: bool = False) -> Iterator[Action]:
     """``steps`` actions from an ``ActionGenerator`` seeded with ``seed``, aimed at the system as
     each burst is drawn."""
-    generator = ActionGenerator(system, random.Random(seed))
+    generator = ActionGenerator(system, random.Random(seed), keep_queue_alive=keep_queue_alive)
     count = 0
     while count < steps:
         for action in generator.next():
@@ -107,9 +107,13 @@ class Runner:
         """Run ``actions`` in order (stopping early once a finding of class ``stop_at`` appears)."""
         return self._run(lambda system: iter(actions), stop_at)
 
-    def run_episode(self, seed: int, steps: int, *, stop_at: str | None = None) -> RunOutcome:
+    def run_episode(
+        self, seed: int, steps: int, *, stop_at: str | None = None, keep_queue_alive: bool = False
+    ) -> RunOutcome:
         """Run ``steps`` actions generated with ``seed``."""
-        return self._run(lambda system: generated(system, seed, steps), stop_at)
+        return self._run(
+            lambda system: generated(system, seed, steps, keep_queue_alive=keep_queue_alive), stop_at
+        )
 
     # -- running -------------------------------------------------------------------------------------------
     def _run(self, source: Callable[[System], Iterator[Action]], stop_at: str | None) -> RunOutcome:
@@ -162,7 +166,8 @@ class Runner:
             _, status = os.waitpid(pid, 0)
         if timed_out:
             outcome.hung = True
-            outcome.findings.append(hang(len(outcome.actions) - 1, self.step_timeout))
+            last = outcome.actions[-1].KIND if outcome.actions else "boot"
+            outcome.findings.append(hang(len(outcome.actions) - 1, last, self.step_timeout))
         elif not done:
             outcome.findings.append(_died(status, len(outcome.actions) - 1))
         return outcome

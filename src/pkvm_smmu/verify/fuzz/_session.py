@@ -9,12 +9,14 @@ from typing import Any
 from pkvm_smmu.verify.adversary import Action, Checked, System, apply
 from pkvm_smmu.verify.fuzz._findings import (
     BOOT,
+    STALL_NS,
     Finding,
     from_exception,
     from_observed,
     from_sanitizer,
     from_violation,
     is_trusted_exception,
+    stall,
     violation_signature,
 )
 
@@ -49,6 +51,7 @@ class Session:
     def step(self, action: Action) -> StepOutcome:
         index = self.steps
         self.steps += 1
+        started = self.system.clock_ns
         try:
             outcome = StepOutcome(apply(self.system, action))
         except Exception as exc:  # the point of the runner: nothing may escape from the model or hyp
@@ -57,6 +60,9 @@ class Session:
                 self._add(outcome, from_exception(exc, index, "applying the action"), exc)
             else:
                 outcome = StepOutcome(f"host error: {type(exc).__name__}: {exc}")
+        took = self.system.clock_ns - started
+        if took > STALL_NS:
+            self._add(outcome, stall(index, action.KIND, took), took)
         self._check(index, outcome)
         return outcome
 

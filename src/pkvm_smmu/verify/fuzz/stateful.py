@@ -4,10 +4,11 @@
 then every step applies either an action with arbitrary arguments (``strategies.actions()``) or a
 burst aimed at the live system (``ActionGenerator`` driven by a Hypothesis random), and checks the
 isolation oracle (and the sanitizer, when the spec attaches it) after each action. A finding whose
-class is not in ``allowed`` fails the example, with the script so far as a replay file's JSON in
-the message. Use it with a settings profile::
+class matches none of the ``allowed`` glob patterns (``fnmatch``: ``"violation:*"``) fails the
+example, with the script so far as a replay file's JSON in the message. Use it with a settings
+profile::
 
-    Machine = adversary_machine(SystemSpec(policy="v4"), allowed=KNOWN_V4)
+    Machine = adversary_machine(SystemSpec(policy="v4"), allowed=["violation:*", "observed:*"])
     run_state_machine_as_test(Machine, settings=BOUNDED)
 
 ``BOUNDED`` is the test run's profile (a few dozen short examples, derandomized so the run is the
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection
+from fnmatch import fnmatchcase
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -58,9 +60,14 @@ class FindingError(AssertionError):
 def adversary_machine(
     spec: SystemSpec, *, allowed: Collection[str] = (), hypercall_names: tuple[str, ...] | None = None
 ) -> type[RuleBasedStateMachine]:
-    """The state machine class for ``spec``; findings whose signature is in ``allowed`` pass."""
+    """The state machine class for ``spec``; findings whose class matches a pattern of ``allowed``
+    pass, every other finding fails the example."""
     resolved = resolve_spec(spec)
-    known = frozenset(allowed)
+    patterns = tuple(allowed)
+
+    def known(signature: str) -> bool:
+        return any(fnmatchcase(signature, pattern) for pattern in patterns)
+
     any_action = actions(hypercall_names) if hypercall_names is not None else actions()
 
     class AdversaryMachine(RuleBasedStateMachine):
@@ -74,7 +81,7 @@ def adversary_machine(
 
         def _judge(self, findings: list[Finding]) -> None:
             for finding in findings:
-                if finding.signature not in known:
+                if not known(finding.signature):
                     replay = {
                         "format": "pkvm-smmu-replay",
                         "version": 1,
