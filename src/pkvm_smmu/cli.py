@@ -930,7 +930,7 @@ def replay(file: str, quiet: bool) -> None:
     from pkvm_smmu.verify.adversary import SpecError
     from pkvm_smmu.verify.replay import ReplayError, load_replay, run_replay
 
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)
     try:
         loaded = load_replay(file)
         result = run_replay(loaded)

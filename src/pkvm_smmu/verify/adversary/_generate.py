@@ -351,6 +351,10 @@ class ActionGenerator:
         value, is_address = _field_value(rng, STE, name, self.addresses())
         if name == "CONFIG":
             value = rng.choice((0b000, 0b100, 0b101, 0b110, 0b111, 0b001))
+        elif name == "S1CDMAX":
+            # Mostly small tables: a CD table of 2^20 entries is 16k pages the oracle walks each time
+            # the STE changes, for little more than a table of 2^6 shows.
+            value = rng.choice((0, 0, 1, 2, 4, 6)) if rng.random() < 0.9 else rng.randrange(32)
         new = _set(STE, current, name, value, is_address)
         if rng.random() < 0.2:  # a second field
             other = rng.choice(_STE_FIELDS)
