@@ -56,9 +56,11 @@ def _valid() -> dict[str, object]:
         ({**_valid(), "system": {"design": "trap-emulate", "colour": "red"}}, "system.colour: unknown field"),
         ({**_valid(), "system": {"seed": "zero"}}, "system.seed: expected an integer"),
         ({**_valid(), "actions": {"kind": "dma"}}, "actions: expected a list of actions"),
-        ({**_valid(), "actions": [{"kind": "dma"}, {"kind": "teleport"}]}, "actions[1]: kind: unknown action 'teleport'"),
+        ({**_valid(), "actions": [{"kind": "dma"}, {"kind": "teleport"}]},
+         "actions[1]: kind: unknown action 'teleport'"),
         ({**_valid(), "actions": [{"kind": "reg-write", "size": "four"}]}, "actions[0]: size: expected an integer"),
-        ({**_valid(), "expected": {"kind": "rumour", "signature": "x", "step": 0, "summary": ""}}, "expected: kind: unknown finding kind"),
+        ({**_valid(), "expected": {"kind": "rumour", "signature": "x", "step": 0, "summary": ""}},
+         "expected: kind: unknown finding kind"),
         ({**_valid(), "expected": {"kind": "violation"}}, "expected: signature: expected str"),
     ],
 )  # fmt: skip
