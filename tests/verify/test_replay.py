@@ -112,3 +112,33 @@ def test_replays_are_deterministic() -> None:
     assert [(s.result, s.findings, s.explanations) for s in first.steps] == [
         (s.result, s.findings, s.explanations) for s in second.steps
     ]
+
+
+# -- the campaigns' findings (tests/regressions/campaign, tests/regressions/dos) --------------------------
+
+REGRESSIONS = Path(__file__).resolve().parents[1] / "regressions"
+CAMPAIGN = sorted((REGRESSIONS / "campaign").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", CAMPAIGN, ids=lambda p: p.stem)
+def test_campaign_findings_reproduce_on_v4(path: Path) -> None:
+    """Violations ``pkvm-smmu fuzz --policy v4`` found, shrunk: each still reproduces on v4 as posted."""
+    replay = load_replay(path)
+    assert replay.system.policy == "v4" and replay.expected is not None
+    assert "root_cause" in replay.origin and "found_by" in replay.origin
+    assert len(replay.actions) <= 4
+    run = run_replay(replay)
+    assert run.reproduced, [str(f) for f in run.findings]
+
+
+def test_there_are_campaign_findings() -> None:
+    assert len(CAMPAIGN) >= 3
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("path", sorted((REGRESSIONS / "dos").glob("*.json")), ids=lambda p: p.stem)
+def test_denial_of_service_findings_reproduce_on_v4(path: Path) -> None:
+    """A stall: minutes of simulation, hence soak only."""
+    replay = load_replay(path)
+    assert replay.expected is not None and replay.expected.kind == "stall"
+    assert run_replay(replay).reproduced

@@ -39,7 +39,9 @@ class _HypEvents:
         self.events: list[TraceEvent] = []
 
     def __call__(self, event: TraceEvent) -> None:
-        if event.kind in _NOTABLE and event.component.startswith("hyp"):
+        # The SMMU driver's own "trap" event names the register; pKVM's generic one is left out.
+        generic_trap = event.component == "hyp" and event.kind == "trap"
+        if event.kind in _NOTABLE and event.component.startswith("hyp") and not generic_trap:
             self.events.append(event)
 
 
