@@ -522,7 +522,7 @@ class HypSmmuV3:
                 if allowed is not None:
                     self._hw_write(offset, size, allowed)
                 return 0
-            return self._hw_read(offset, size)
+            return self.policy.register_read(self, offset, size, self._hw_read(offset, size))
         handler = self._emulated.get(offset)
         if handler is None:
             self.warn("no emulation for register", reg=reg)
@@ -531,7 +531,7 @@ class HypSmmuV3:
 
     def _emulate_cr0(self, size: int, is_write: bool, value: int) -> int:
         if not is_write:
-            return self._hw_read(Reg.CR0, size)
+            return self.policy.register_read(self, int(Reg.CR0), size, self._hw_read(Reg.CR0, size))
         value = self.policy.cr0_write(self, value)
         old, self.cr0 = self.cr0, value
         changed = old ^ value

@@ -56,7 +56,14 @@ class HardenedPolicy(V4Policy):
 
     # -- finding 1: ATSCHK ----------------------------------------------------------------------------------
     def cr0_write(self, smmu: SmmuContext, value: int) -> int:
+        _hyp(smmu).__dict__["host_cr0_atschk"] = value & _ATSCHK
         return value | _ATSCHK
+
+    def register_read(self, smmu: SmmuContext, offset: int, size: int, value: int) -> int:
+        # The host polls CR0ACK for the value it wrote: show it its own ATSCHK, not the forced one.
+        if offset in (int(Reg.CR0), int(Reg.CR0ACK)):
+            return value & ~_ATSCHK | _hyp(smmu).__dict__.get("host_cr0_atschk", 0)
+        return value
 
     # -- finding 4: queue bases and MSI addresses -------------------------------------------------------
     def passthrough_write(self, smmu: SmmuContext, offset: int, size: int, value: int) -> int | None:

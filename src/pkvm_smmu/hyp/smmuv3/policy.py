@@ -253,6 +253,11 @@ class V4Policy:
         """The CR0 value the emulation tracks and writes to the SMMU. v4: the host's value."""
         return value
 
+    def register_read(self, smmu: SmmuContext, offset: int, size: int, value: int) -> int:
+        """What a host read of a pass-through register (or of CR0) returns, given the SMMU's value.
+        v4: the SMMU's value, unchanged."""
+        return value
+
     def cr1_write(self, smmu: SmmuContext, value: int) -> int | None:
         """The value to write to the SMMU, or None to drop it. v4: written, but "don't mess with
         shareability/cacheability": warns unless it is Linux's value."""

@@ -44,6 +44,7 @@ class Outcome(StrEnum):
     VIOLATION = "violation"  # the oracle (or an observed access, the hyp's included) found one
     SANITIZER = "sanitizer"  # the sanitizer reported the hyp relying on what is not guaranteed
     CRASH = "crash"  # an exception escaped from the model, the hyp or a checker; or a hang
+    STALL = "stall"  # one host action kept the hyp busy past the campaign's limit (denial of service)
     BLOCKED = "blocked"  # nothing found after boot
 
 
@@ -390,7 +391,11 @@ def illegal_commands(system: System) -> list[Action]:
 def queue_index_games(system: System) -> list[Action]:
     """CONS/PROD games: PROD moved backwards, PROD a full queue (and more) ahead of CONS with the
     wrap bit flipped, a CONS write while the queue is enabled. The hyp copies what is between its
-    emulated CONS and PROD, refuses the CONS write: blocked."""
+    emulated CONS and PROD and refuses the CONS write, so isolation holds; but under v4 PROD moved
+    backwards reads as a nearly full queue of garbage that the hyp drains synchronously, each
+    illegal command waiting out its poll, keeping the hyp in one trap for over a minute of modeled
+    time: a stall (denial of service). The hardened policy does not bound this either (open item,
+    docs/findings.md finding 8)."""
     return [
         RegWrite(0, Reg.CMDQ_PROD, 4, 0),
         RegWrite(0, Reg.CMDQ_PROD, 4, 1 << 31 | 3),
@@ -464,7 +469,7 @@ ATTACKS: tuple[Attack, ...] = (
     Attack("racing-l1-fetch", "racing updates (TOCTOU)", racing_new_l2, _v4(_S), sanitizer=True),
     Attack("l1-repoint", "2-level L1 rewiring", l1_repoint, _v4(_V)),
     Attack("illegal-commands", "malformed commands", illegal_commands, _both(_B)),
-    Attack("queue-index-games", "CONS/PROD games", queue_index_games, _both(_B)),
+    Attack("queue-index-games", "CONS/PROD games", queue_index_games, _both(Outcome.STALL)),
     Attack("toggle-enables", "enables mid-operation", toggle_enables, _both(_B)),
     Attack("out-of-range-sid", "out-of-range StreamIDs", out_of_range_sids, _both(_B)),
 )

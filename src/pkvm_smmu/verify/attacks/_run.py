@@ -20,8 +20,9 @@ _OUTCOME_OF_KIND = {
     "sanitizer": Outcome.SANITIZER,
     "crash": Outcome.CRASH,
     "hang": Outcome.CRASH,
+    "stall": Outcome.STALL,
 }
-_PRIORITY = (Outcome.CRASH, Outcome.VIOLATION, Outcome.SANITIZER)
+_PRIORITY = (Outcome.CRASH, Outcome.VIOLATION, Outcome.SANITIZER, Outcome.STALL)
 
 
 @dataclass
