@@ -245,9 +245,7 @@ class SmmuRegisters:
                 (Reg.EVENTQ_IRQ_CFG0, Reg.EVENTQ_IRQ_CFG1, Reg.EVENTQ_IRQ_CFG2, IRQ_CTRL.EVENTQ_IRQEN),
             ]
             if pri:
-                sources.append(
-                    (Reg.PRIQ_IRQ_CFG0, Reg.PRIQ_IRQ_CFG1, Reg.PRIQ_IRQ_CFG2, IRQ_CTRL.PRIQ_IRQEN)
-                )
+                sources.append((Reg.PRIQ_IRQ_CFG0, Reg.PRIQ_IRQ_CFG1, Reg.PRIQ_IRQ_CFG2, IRQ_CTRL.PRIQ_IRQEN))
             for cfg0, cfg1, cfg2, enable in sources:
                 guard = self._irq_guard(enable.in_place_mask)
                 cfg2_mask = IRQ_CFG2.MEMATTR.in_place_mask | IRQ_CFG2.SH.in_place_mask
