@@ -8,7 +8,8 @@ Kinds:
 - ``crash``: a Python exception escaped from the model, the hyp or a checker because of a value the
   host chose (DESIGN.md rule 3 says that never happens);
 - ``sanitizer``: the sanitizer caught the hyp relying on something the architecture does not
-  guarantee (reports whose writer is the host are the adversary's own doing and are not findings);
+  guarantee (reports whose writer is the host, or the hyp passing on a register write of the
+  host's, are the adversary's own doing and are not findings);
 - ``stall``: one step took more than ``STALL_NS`` of modeled time (30 s): the hyp or the SMMU
   kept the host's CPU for that long (a denial of service, not an isolation failure);
 - ``hang``: one step did not finish within the runner's wall-clock budget (an unbounded loop, or a
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import re
 import traceback
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,11 +148,20 @@ def from_observed(observed: ObservedViolation, step: int) -> Finding:
     return Finding("observed", signature, step, str(observed))
 
 
-def from_sanitizer(report: Any, step: int) -> Finding | None:
-    """A sanitizer report about the hyp (its stores, register writes or double fetches), or None."""
+_REGISTER_CHECKS = ("guarded-write", "before-ack", "queue-index")
+
+
+def from_sanitizer(report: Any, step: int, host_registers: Container[int] = ()) -> Finding | None:
+    """A sanitizer report about the hyp (its stores, register writes or double fetches), or None.
+
+    A register write the hyp makes on the host's behalf (v4 passes many registers through) breaks
+    the register contract on the host's account, not the hyp's: reports whose writer is a write to a
+    register the host itself wrote (``host_registers``, physical addresses) are the host's."""
     check = getattr(report.check, "value", str(report.check))
     writer = str(report.writer.initiator)
     if check != "double-fetch" and not writer.startswith("hyp"):
+        return None
+    if check in _REGISTER_CHECKS and report.writer.address in host_registers:
         return None
     signature = f"sanitizer:{check}:{re.sub(r'0x[0-9a-f]+|[0-9]+', '#', report.structure)}"
     return Finding("sanitizer", signature, step, str(report))

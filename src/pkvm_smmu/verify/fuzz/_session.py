@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pkvm_smmu.verify.adversary import Action, Checked, System, apply
+from pkvm_smmu.verify.adversary import Action, Checked, RegWrite, System, apply
 from pkvm_smmu.verify.fuzz._findings import (
     BOOT,
     STALL_NS,
@@ -41,6 +41,7 @@ class Session:
         self.seen: set[str] = set()
         self.steps = 0
         self._classes: dict[tuple[str, str, tuple[str, ...]], str] = {}  # (actor, owner, path) -> class
+        self.host_registers: set[int] = set()  # SMMU register addresses the host has written
 
     def boot(self) -> StepOutcome:
         """What is wrong before any action."""
@@ -52,6 +53,10 @@ class Session:
         index = self.steps
         self.steps += 1
         started = self.system.clock_ns
+        if isinstance(action, RegWrite) and self.system.smmus:
+            base = self.system.smmus[action.smmu % len(self.system.smmus)].base
+            self.host_registers.add((base + action.offset) & ~7)
+            self.host_registers.add(base + action.offset)
         try:
             outcome = StepOutcome(apply(self.system, action))
         except Exception as exc:  # the point of the runner: nothing may escape from the model or hyp
@@ -91,7 +96,7 @@ class Session:
         for observed in checked.observed:
             self._add(outcome, from_observed(observed, index), observed)
         for report in checked.sanitizer:
-            self._add(outcome, from_sanitizer(report, index), report)
+            self._add(outcome, from_sanitizer(report, index, self.host_registers), report)
 
 
 __all__ = ["Session", "StepOutcome"]
