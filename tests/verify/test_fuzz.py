@@ -107,6 +107,13 @@ def test_a_step_that_does_not_finish_is_a_hang(monkeypatch: pytest.MonkeyPatch) 
     assert outcome.findings[-1].kind == "hang" and outcome.findings[-1].step == 1
 
 
+def test_forked_and_in_process_runs_agree() -> None:
+    forked = Runner(SystemSpec()).run_episode(21, 30, keep_queue_alive=True)
+    fresh = Runner(SystemSpec(), fork=False).run_episode(21, 30, keep_queue_alive=True)
+    assert (forked.actions, forked.results, forked.findings) == (fresh.actions, fresh.results, fresh.findings)
+    assert forked.modeled_ns == fresh.modeled_ns and len(forked.actions) == 30
+
+
 # -- shrinking -------------------------------------------------------------------------------------------
 
 
