@@ -15,8 +15,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import fdt
-
 from devicetree import dtlib
+
 from pkvm_smmu.devicetree._checks import check_tree
 from pkvm_smmu.devicetree._errors import DeviceTreeError
 from pkvm_smmu.devicetree._tree import DeviceTree, Node
