@@ -89,6 +89,8 @@ def _pattern(size: int) -> bytes:
 def _smmu_address(system: System, smmu: int, offset: int, size: int) -> int | str:
     if size not in ACCESS_SIZES:
         return f"invalid: a CPU access is 1, 2, 4 or 8 bytes, not {size}"
+    if not system.smmus:
+        return "no SMMU on this platform"
     address = system.smmus[smmu % len(system.smmus)].base + offset
     if not 0 <= address <= U64_MAX - size + 1:
         return f"invalid: address {address:#x} outside 64 bits"
@@ -240,6 +242,8 @@ def _dma(system: System, action: Dma) -> str:
         return f"invalid: DMA size {action.size} (0 to {MAX_DMA_BYTES})"
     if not 0 <= action.address <= U64_MAX:
         return f"invalid: address {action.address:#x} outside 64 bits"
+    if not system.smmus:
+        return "no SMMU on this platform"
     endpoint = system.endpoint(action.smmu, action.sid)
     data = _pattern(action.size)
     ssid = action.ssid

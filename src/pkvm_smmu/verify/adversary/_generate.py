@@ -224,13 +224,13 @@ class ActionGenerator:
         return int(rng.choice((1 << 16, (1 << 32) - 1, rng.getrandbits(32))))
 
     def _smmu(self) -> int:
-        return int(self.rng.randrange(len(self.system.smmus)))
+        return int(self.rng.randrange(max(1, len(self.system.smmus))))
 
     # -- registers -------------------------------------------------------------------------------------------
     def _register_value(self, reg: Reg) -> int:
         rng = self.rng
-        smmu = self.system.smmus[0]
-        if reg in (Reg.CR0, Reg.CR0ACK):
+        if reg in (Reg.CR0, Reg.CR0ACK) and self.system.smmus:
+            smmu = self.system.smmus[0]
             # Usually one bit flipped from what the host last wrote (the SMMU's CR0 under v4), so
             # the queues mostly stay enabled: a disabled command queue makes every later trap wait
             # out the hyp's 1 s timeout, which is most of a campaign's time.
