@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-import pkvm_smmu.host.pv_iommu.abi as host_abi
+import pkvm_smmu.arch.pv_iommu_abi as host_abi
 from pkvm_smmu.host.iommu.ops import DomainType, IommuFwspec
 from pkvm_smmu.host.pv_iommu import PvIommuEnv, PvIommuOps, PvPagingDomain, ViommuInfo
 from pkvm_smmu.host.pv_iommu.ops import TOPUP_PAGES

@@ -10,9 +10,7 @@ import sys
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pkvm_smmu.hyp.contracts import KvmPgtableProt
-from pkvm_smmu.hyp.mem_protect import HYP_DMA_REFCOUNT_MAX, MemProtect
-from pkvm_smmu.hyp.pv.abi import (
+from pkvm_smmu.arch.pv_iommu_abi import (
     HVC_ALLOC_DOMAIN,
     HVC_ATTACH_BLOCKING,
     HVC_ATTACH_DEV,
@@ -25,6 +23,8 @@ from pkvm_smmu.hyp.pv.abi import (
     HVC_TOPUP_POOL,
     HVC_UNMAP_PAGES,
 )
+from pkvm_smmu.hyp.contracts import KvmPgtableProt
+from pkvm_smmu.hyp.mem_protect import HYP_DMA_REFCOUNT_MAX, MemProtect
 from pkvm_smmu.hyp.pv.identity import PvIdentityIommu
 from pkvm_smmu.hyp.pv.paging import PvPagingIommu
 from pkvm_smmu.machine.bus import SystemBus

@@ -10,11 +10,11 @@ import sys
 
 import pytest
 
+from pkvm_smmu.arch.pv_iommu_abi import HVC_ATTACH_BLOCKING, HVC_ATTACH_IDENTITY, HVC_CAPS, Caps
 from pkvm_smmu.arch.registers import CR0, Reg
 from pkvm_smmu.arch.strtab import STE, SteConfig
 from pkvm_smmu.hyp.hypercalls import SMCCC_RET_NOT_SUPPORTED
 from pkvm_smmu.hyp.pv import PvIdentityIommu
-from pkvm_smmu.hyp.pv.abi import HVC_ATTACH_BLOCKING, HVC_ATTACH_IDENTITY, HVC_CAPS, Caps
 from pkvm_smmu.machine.cpu import CpuFault
 from pkvm_smmu.machine.smmu import SmmuFeatures
 

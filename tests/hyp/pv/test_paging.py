@@ -10,8 +10,7 @@ from typing import Any
 
 import pytest
 
-from pkvm_smmu.arch.strtab import STE, SteConfig
-from pkvm_smmu.hyp.pv.abi import (
+from pkvm_smmu.arch.pv_iommu_abi import (
     HVC_ALLOC_DOMAIN,
     HVC_ATTACH_DEV,
     HVC_CAPS,
@@ -26,6 +25,7 @@ from pkvm_smmu.hyp.pv.abi import (
     CapsQuery,
     DomainType,
 )
+from pkvm_smmu.arch.strtab import STE, SteConfig
 from pkvm_smmu.pgtable.prot import Prot
 
 sys.path.insert(0, os.path.dirname(__file__))

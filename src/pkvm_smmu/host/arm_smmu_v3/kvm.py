@@ -16,12 +16,12 @@ import errno
 from collections.abc import Iterable
 from typing import Any
 
+from pkvm_smmu.arch.pv_iommu_abi import HVC_ATTACH_BLOCKING, HVC_ATTACH_IDENTITY
 from pkvm_smmu.host.arm_smmu_v3.device import ArmSmmuDevice
 from pkvm_smmu.host.arm_smmu_v3.domain import ArmSmmuIommuOps, Master
 from pkvm_smmu.host.driver_core import EPROBE_DEFER, Kernel
 from pkvm_smmu.host.hw import Hvc
 from pkvm_smmu.host.iommu.ops import DomainType, IommuDomain, IommuFwspec, IommuResvRegion
-from pkvm_smmu.host.pv_iommu.abi import HVC_ATTACH_BLOCKING, HVC_ATTACH_IDENTITY
 from pkvm_smmu.host.pv_iommu.pkvm_smmu import PkvmBoot
 
 

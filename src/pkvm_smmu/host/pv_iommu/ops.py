@@ -12,9 +12,7 @@ import errno
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from pkvm_smmu.host.hw import Hvc
-from pkvm_smmu.host.iommu.ops import DomainType, IommuCap, IommuDomain, IommuFwspec, IommuResvRegion
-from pkvm_smmu.host.pv_iommu.abi import (
+from pkvm_smmu.arch.pv_iommu_abi import (
     HVC_ALLOC_DOMAIN,
     HVC_ATTACH_BLOCKING,
     HVC_ATTACH_DEV,
@@ -32,7 +30,9 @@ from pkvm_smmu.host.pv_iommu.abi import (
     Caps,
     CapsQuery,
 )
-from pkvm_smmu.host.pv_iommu.abi import DomainType as HypDomainType
+from pkvm_smmu.arch.pv_iommu_abi import DomainType as HypDomainType
+from pkvm_smmu.host.hw import Hvc
+from pkvm_smmu.host.iommu.ops import DomainType, IommuCap, IommuDomain, IommuFwspec, IommuResvRegion
 from pkvm_smmu.pgtable.gather import IotlbGather
 from pkvm_smmu.pgtable.prot import Prot
 from pkvm_smmu.trace import TraceBus

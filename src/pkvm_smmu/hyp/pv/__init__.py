@@ -2,7 +2,7 @@
 configuration by hypercall. ``pv-identity`` (v3): StreamIDs switch between blocked and identity.
 ``pv-paging`` (RFC v2 / Android): domains, attach/detach and map/unmap with DMA refcounts."""
 
-from pkvm_smmu.hyp.pv.abi import Caps, CapsQuery, DomainType
+from pkvm_smmu.arch.pv_iommu_abi import Caps, CapsQuery, DomainType
 from pkvm_smmu.hyp.pv.driver import PvIommu, PvSmmuDriver
 from pkvm_smmu.hyp.pv.identity import PvIdentityIommu
 from pkvm_smmu.hyp.pv.paging import PvDomain, PvPagingIommu, TopUpPool

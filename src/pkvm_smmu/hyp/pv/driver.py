@@ -16,11 +16,11 @@ import errno
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from pkvm_smmu.arch.pv_iommu_abi import HVC_CAPS, Caps, CapsQuery
 from pkvm_smmu.hyp.hypercalls import Arg
 from pkvm_smmu.hyp.iommu.core import KvmIommu
 from pkvm_smmu.hyp.iommu.idmap import IommuCaps
 from pkvm_smmu.hyp.pkvm import SMMUV3_L2_STE_PAGES, host_s2_pgtable_pages
-from pkvm_smmu.hyp.pv.abi import HVC_CAPS, Caps, CapsQuery
 from pkvm_smmu.hyp.pv.smmu import COMPONENT, PvSmmuV3
 from pkvm_smmu.hyp.smmuv3.device import SZ_128K, SmmuDescription
 from pkvm_smmu.machine.memory import PAGE_SHIFT, PAGE_SIZE

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import errno
 
+from pkvm_smmu.arch.pv_iommu_abi import HVC_ATTACH_BLOCKING, HVC_ATTACH_IDENTITY, Caps
 from pkvm_smmu.hyp.hypercalls import Arg
-from pkvm_smmu.hyp.pv.abi import HVC_ATTACH_BLOCKING, HVC_ATTACH_IDENTITY, Caps
 from pkvm_smmu.hyp.pv.driver import Hypercall, PvIommu
 from pkvm_smmu.hyp.pv.smmu import abort_ste, s2_ste
 

@@ -50,10 +50,7 @@ import errno
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from pkvm_smmu.arch.vmsa import GRANULES
-from pkvm_smmu.hyp.hypercalls import U64_MAX, Arg
-from pkvm_smmu.hyp.pool import HypPool
-from pkvm_smmu.hyp.pv.abi import (
+from pkvm_smmu.arch.pv_iommu_abi import (
     HVC_ALLOC_DOMAIN,
     HVC_ATTACH_DEV,
     HVC_DETACH_DEV,
@@ -70,6 +67,9 @@ from pkvm_smmu.hyp.pv.abi import (
     Caps,
     DomainType,
 )
+from pkvm_smmu.arch.vmsa import GRANULES
+from pkvm_smmu.hyp.hypercalls import U64_MAX, Arg
+from pkvm_smmu.hyp.pool import HypPool
 from pkvm_smmu.hyp.pv.driver import Hypercall, PvIommu
 from pkvm_smmu.hyp.pv.smmu import PvSmmuV3, abort_ste, s1_cd, s1_ste, s2_ste
 from pkvm_smmu.machine.memory import PAGE_SHIFT, PAGE_SIZE, Ram
