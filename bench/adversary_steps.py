@@ -8,31 +8,25 @@ them. Two generator mixes:
 
 - ``default``: the campaign's; now and then it stops the hyp's command queue (an illegal command,
   CMDQEN cleared: v4 lets the host do both), after which every trap waits out the hyp's 1 s
-  (modeled) timeouts, polled every 64 us, and advancing time drives a GERROR interrupt storm;
+  (modeled) timeouts; the polls of those waits that nothing could change are skipped
+  (``Clock.poll_backoff``), so that costs a few polls, not 15,000;
 - ``alive`` (``--keep-queue-alive``): the same without those.
 
 Figures are process CPU time. Per action kind: count, mean cost and share of the time; the oracle's
 share is measured around ``System.check``. ``--profile`` prints the top functions.
 
-``--what-if-wfe`` measures what the mixes would cost if the hyp's ``wait_for`` and the host driver's
-``poll_timeout`` slept like WFE (to the next modeled event, the SMMU's next timer, or the deadline)
-instead of polling every 64 us: the same deadlines, far fewer polls. It patches them in this
-process only; nothing in the package changes.
-
     python3 bench/adversary_steps.py [--episodes N] [--steps S] [--seed X] [--mix both|default|alive]
-                                     [--profile] [--what-if-wfe]
+                                     [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
-import errno
 import pstats
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from typing import Any
 
 from pkvm_smmu.verify.adversary import System, SystemSpec, build_system
 from pkvm_smmu.verify.fuzz import Session, generated
@@ -97,36 +91,6 @@ def run_mix(alive: bool, episodes: int, steps: int, seed: int, profiler: cProfil
         print(f"  {kind:12s} {len(costs):6d} {mean:9.2f} {worst:9.1f} {share:5.0f}%")
 
 
-def wfe_wait_for(io: Any, condition: Callable[[], bool], timeout_us: int = 1_000_000) -> int:
-    """``wait_for`` that sleeps to the next modeled event instead of polling."""
-    clock = io.cpu.clock
-    deadline = io.now_ns() + timeout_us * 1000
-    while not condition():
-        now = io.now_ns()
-        if now >= deadline:
-            return -errno.ETIMEDOUT
-        upcoming = clock.next_deadline()
-        target = deadline if upcoming is None or upcoming > deadline else max(upcoming, now + 1)
-        io.delay_ns(target - now)
-    return 0
-
-
-def wfe_poll_timeout(
-    self: Any, condition: Callable[[], bool], timeout_us: float, max_delay_us: float = 64.0
-) -> int:
-    """The host driver's ``readx_poll_timeout``, sleeping to the next modeled event."""
-    clock = self.cpu.clock
-    deadline = clock.now_ns + round(timeout_us * 1000)
-    while not condition():
-        now = clock.now_ns
-        if now >= deadline:
-            return -errno.ETIMEDOUT
-        upcoming = clock.next_deadline()
-        target = deadline if upcoming is None or upcoming > deadline else max(upcoming, now + 1)
-        self.cpu.udelay((target - now) / 1000)
-    return 0
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--episodes", type=int, default=20)
@@ -134,15 +98,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mix", choices=("both", "default", "alive"), default="both")
     parser.add_argument("--profile", action="store_true", help="print the top functions by cumulative time")
-    parser.add_argument("--what-if-wfe", action="store_true", help="the hyp's waits sleep to the next event")
     args = parser.parse_args()
-    if args.what_if_wfe:
-        from pkvm_smmu.host.arm_smmu_v3.mmio import Mmio
-        from pkvm_smmu.hyp.smmuv3 import cmdq, device
-
-        cmdq.wait_for = device.wait_for = wfe_wait_for  # type: ignore[assignment]
-        Mmio.poll_timeout = wfe_poll_timeout  # type: ignore[method-assign]
-        print("what-if: the hyp's and the host driver's polls sleep to the next modeled event (WFE)")
     print("pKVM (trap-emulate, v4) on the default platform; isolation oracle checked after every step")
     mixes = {"both": (False, True), "default": (False,), "alive": (True,)}[args.mix]
     for alive in mixes:

@@ -71,6 +71,9 @@ class FaultingWrites:
     def poll(self, condition: Any, timeout_us: float, step_us: float = 1.0) -> bool:
         return self.cpu.poll(condition, timeout_us, step_us)
 
+    def poll_backoff(self, condition: Any, timeout_us: float, first_us: float, max_us: float) -> bool:
+        return self.cpu.poll_backoff(condition, timeout_us, first_us, max_us)
+
 
 # -- page ranges --------------------------------------------------------------------------------------
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pkvm_smmu.machine.clock import Clock
 
@@ -104,9 +107,11 @@ def test_poll_times_out_exactly_at_the_deadline() -> None:
         calls.append(clock.now_ns)
         return False
 
+    clock.call_at(1_500, lambda: None)  # something may have changed: the poll after it happens
     assert clock.poll(never, timeout_us=2.5) is False
     assert clock.now_ns == 123 + 2_500
-    assert calls == [123, 1_123, 2_123, 2_623]  # the last check happens at the deadline
+    # the poll at 1_123 could only see what the one at 123 saw; the last check is at the deadline
+    assert calls == [123, 2_123, 2_623]
 
 
 @pytest.mark.parametrize("timeout_us", [1.001, 4.35, 0.3, 1.1])
@@ -141,3 +146,82 @@ def test_poll_rejects_a_step_that_would_never_advance_time() -> None:
     clock = Clock()
     with pytest.raises(ValueError, match="step_ns"):
         clock.poll(lambda: False, timeout_us=1, step_ns=0)
+
+
+# -- poll_backoff: the polls of a backing-off loop, minus the ones nothing could change ------------
+
+
+def _naive_backoff(clock: Clock, condition: Callable[[], bool], deadline: int, first: int, most: int) -> bool:
+    """The loop ``poll_backoff`` stands for, polling at every step."""
+    step = first
+    while True:
+        if condition():
+            return True
+        if clock.now_ns >= deadline:
+            return False
+        clock.advance(min(step, deadline - clock.now_ns))
+        step = min(step * 2, most)
+
+
+def _timed_world(clock: Clock, timer_times: list[int], needed: int, polls: list[int]) -> Callable[[], bool]:
+    """Timers each bump a counter (some reschedule themselves); the condition holds once the
+    counter reaches ``needed``, and every evaluation records when it ran."""
+    state = {"count": 0}
+
+    def bump(again: int) -> None:
+        state["count"] += 1
+        if again:
+            clock.call_after(again, lambda: bump(0))
+
+    for index, when in enumerate(timer_times):
+        clock.call_at(when, partial(bump, 700 if index % 3 == 0 else 0))
+
+    def condition() -> bool:
+        polls.append(clock.now_ns)
+        return state["count"] >= needed
+
+    return condition
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    timer_times=st.lists(st.integers(0, 2_000_000), max_size=12),
+    needed=st.integers(0, 14),
+    timeout_ns=st.integers(0, 1_500_000),
+    first=st.integers(1, 5_000),
+    growth=st.integers(0, 8),
+    start=st.integers(0, 100_000),
+)
+def test_poll_backoff_returns_what_and_when_the_polling_loop_does(
+    timer_times: list[int], needed: int, timeout_ns: int, first: int, growth: int, start: int
+) -> None:
+    most = first << growth
+    outcomes = []
+    for skipping in (False, True):
+        clock = Clock()
+        clock.advance(start)
+        polls: list[int] = []
+        condition = _timed_world(clock, timer_times, needed, polls)
+        deadline = start + timeout_ns
+        if skipping:
+            result = clock.poll_backoff(condition, deadline, first, most)
+        else:
+            result = _naive_backoff(clock, condition, deadline, first, most)
+        outcomes.append((result, clock.now_ns, polls[-1]))
+    assert outcomes[0] == outcomes[1]
+
+
+def test_poll_backoff_skips_the_polls_between_timers() -> None:
+    clock = Clock()
+    clock.call_at(900_000, lambda: None)
+    polls: list[int] = []
+
+    def never() -> bool:
+        polls.append(clock.now_ns)
+        return False
+
+    assert clock.poll_backoff(never, 1_000_000, 50, 64_000) is False
+    # one poll at the start, one after the timer (on the loop's 64 us grid), one at the deadline
+    assert len(polls) == 3
+    assert polls[0] == 0 and polls[-1] == 1_000_000
+    assert 900_000 <= polls[1] < 900_000 + 64_000

@@ -25,6 +25,12 @@ class Cpu(Protocol):
 
     def poll(self, condition: Callable[[], bool], timeout_us: float, step_us: float = 1.0) -> bool: ...
 
+    def poll_backoff(
+        self, condition: Callable[[], bool], timeout_us: float, first_step_us: float, max_step_us: float
+    ) -> bool:
+        """A polling loop whose sleeps double from ``first_step_us`` up to ``max_step_us``."""
+        ...
+
 
 class Hvc(Protocol):
     """The hypervisor call instruction as the host kernel sees it: a named pKVM host hypercall with

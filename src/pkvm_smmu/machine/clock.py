@@ -22,6 +22,7 @@ class Clock:
         self._now_ns = 0
         self._seq = 0
         self._timers: list[_Timer] = []
+        self._fired = 0
 
     @property
     def now_ns(self) -> int:
@@ -59,6 +60,7 @@ class Clock:
             if timer.cancelled:
                 continue
             self._now_ns = max(self._now_ns, timer.when_ns)
+            self._fired += 1
             timer.callback()
         self._now_ns = max(self._now_ns, target_ns)
 
@@ -71,9 +73,42 @@ class Clock:
             raise ValueError(f"poll: step_ns must be positive, got {step_ns}")
         # round, not int: 1.001 * 1000 is 1000.9999999999999 and would end the wait early
         deadline = self._now_ns + round(timeout_us * 1000)
+        return self.poll_backoff(condition, deadline, step_ns, step_ns)
+
+    def poll_backoff(
+        self, condition: Callable[[], bool], deadline_ns: int, first_step_ns: int, max_step_ns: int
+    ) -> bool:
+        """A polling loop: ``condition()`` is true at some poll before ``deadline_ns``, or it timed out.
+
+        The polls fall where a loop sleeping ``first_step_ns``, then twice as long each time up to
+        ``max_step_ns``, puts them, and the result and the time it returns at are that loop's. Polls
+        between two timers are skipped: between polls only timers change the machine, so a poll
+        with no timer fired since the previous one would read what that one read.
+        """
+        step = first_step_ns
         while True:
+            fired = self._fired
             if condition():
                 return True
-            if self._now_ns >= deadline:
+            now = self._now_ns
+            if now >= deadline_ns:
                 return False
-            self.advance(min(step_ns, deadline - self._now_ns))
+            if self._fired != fired:  # the condition itself moved time: poll again after one step
+                self.advance_to(min(now + step, deadline_ns))
+                step = min(step * 2, max_step_ns)
+                continue
+            upcoming = self.next_deadline()
+            target = min(now + step, deadline_ns)
+            step = min(step * 2, max_step_ns)
+            while target < deadline_ns and (upcoming is None or upcoming > target):
+                if step == max_step_ns and upcoming is not None:
+                    # constant steps: jump straight to the first poll at or after the timer
+                    skipped = (min(upcoming, deadline_ns) - target + step - 1) // step
+                    target = min(target + skipped * step, deadline_ns)
+                    break
+                if step == max_step_ns:
+                    target = deadline_ns
+                    break
+                target = min(target + step, deadline_ns)
+                step = min(step * 2, max_step_ns)
+            self.advance_to(target)

@@ -94,3 +94,10 @@ class CpuPort:
 
     def poll(self, condition: Callable[[], bool], timeout_us: float, step_us: float = 1.0) -> bool:
         return self.clock.poll(condition, timeout_us, max(1, int(step_us * 1000)))
+
+    def poll_backoff(
+        self, condition: Callable[[], bool], timeout_us: float, first_step_us: float, max_step_us: float
+    ) -> bool:
+        deadline = self.clock.now_ns + round(timeout_us * 1000)
+        first = max(1, round(first_step_us * 1000))
+        return self.clock.poll_backoff(condition, deadline, first, max(first, round(max_step_us * 1000)))

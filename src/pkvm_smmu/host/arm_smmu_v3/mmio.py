@@ -93,18 +93,11 @@ class Mmio:
         self, condition: Callable[[], bool], timeout_us: float, max_delay_us: float = 64.0
     ) -> int:
         """``readx_poll_timeout``: 0 once ``condition()`` holds, ``-ETIMEDOUT`` after ``timeout_us``
-        of modeled time. Sleeps back off exponentially (1, 2, 4 ... ``max_delay_us``), which only
-        changes how often the model evaluates the condition, not the deadline."""
-        deadline = self.cpu.now_us() + timeout_us
-        delay = 1.0
-        while True:
-            if condition():
-                return 0
-            now = self.cpu.now_us()
-            if now >= deadline:
-                return 0 if condition() else -errno.ETIMEDOUT
-            self.cpu.udelay(min(delay, deadline - now))
-            delay = min(delay * 2, max_delay_us)
+        of modeled time. Sleeps back off exponentially (1, 2, 4 ... ``max_delay_us``); polls that
+        could only read what the previous one read are skipped (``Clock.poll_backoff``)."""
+        if self.cpu.poll_backoff(condition, timeout_us, 1.0, max_delay_us):
+            return 0
+        return 0 if condition() else -errno.ETIMEDOUT
 
 
 P = ParamSpec("P")

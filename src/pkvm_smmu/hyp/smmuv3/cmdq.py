@@ -35,7 +35,11 @@ class HypSmmuIo(Protocol):
 
     def now_ns(self) -> int: ...
 
-    def delay_ns(self, ns: int) -> None: ...
+    def poll_until(
+        self, condition: Callable[[], bool], deadline_ns: int, first_step_ns: int, max_step_ns: int
+    ) -> bool:
+        """``condition()`` held at a poll before ``deadline_ns`` (``Clock.poll_backoff``)."""
+        ...
 
     def trace_command(self, command: int, origin: str) -> None: ...
 
@@ -48,16 +52,9 @@ def sync_command() -> int:
 def wait_for(io: HypSmmuIo, condition: Callable[[], bool], timeout_us: int = ARM_SMMU_POLL_TIMEOUT_US) -> int:
     """``smmu_wait``/``smmu_wait_event``: 0 once ``condition()`` holds, -ETIMEDOUT after the timeout
     of modeled time. The poll interval backs off (WFE wake-ups are not modeled separately); that
-    only changes how often the condition is evaluated, not the deadline."""
+    only changes when the condition is seen to hold, not the deadline."""
     deadline = io.now_ns() + timeout_us * 1000
-    step = _FIRST_STEP_NS
-    while not condition():
-        now = io.now_ns()
-        if now >= deadline:
-            return -errno.ETIMEDOUT
-        io.delay_ns(min(step, deadline - now))
-        step = min(step * 2, _MAX_STEP_NS)
-    return 0
+    return 0 if io.poll_until(condition, deadline, _FIRST_STEP_NS, _MAX_STEP_NS) else -errno.ETIMEDOUT
 
 
 class HypCmdq:

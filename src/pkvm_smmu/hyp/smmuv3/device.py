@@ -28,6 +28,7 @@ Choices where the series is ambiguous (collected into docs/pkvm-model.md):
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -241,8 +242,10 @@ class HypSmmuV3:
     def now_ns(self) -> int:
         return self.cpu.clock.now_ns
 
-    def delay_ns(self, ns: int) -> None:
-        self.cpu.clock.advance(ns)
+    def poll_until(
+        self, condition: Callable[[], bool], deadline_ns: int, first_step_ns: int, max_step_ns: int
+    ) -> bool:
+        return self.cpu.clock.poll_backoff(condition, deadline_ns, first_step_ns, max_step_ns)
 
     def trace_command(self, command: int, origin: str) -> None:
         if origin == "hyp" and self.trace.enabled:
