@@ -65,6 +65,11 @@ def package_rules(host_exceptions: Mapping[str, str] = HOST_INTERFACE_ALLOWLIST)
             allowed_only=(f"{p}.arch", f"{p}.machine.memory", f"{p}.machine.bus"),
         ),
         Rule(f"{p}.trace", "every layer imports trace, so trace imports none of them", allowed_only=()),
+        Rule(
+            f"{p}.smmu_lib",
+            "code both the host and the hyp run holds no state of either: encodings only",
+            allowed_only=(f"{p}.arch",),
+        ),
     ]
 
 

@@ -15,7 +15,6 @@ from pkvm_smmu.arch.registers import CMDQ_BASE, CR0, CR1, GBPA, IRQ_CTRL, STRTAB
 from pkvm_smmu.arch.strtab import CD, STE, STE_SIZE
 from pkvm_smmu.arch.vmsa import S1_LEAF
 from pkvm_smmu.host.arm_smmu_v3.domain import ArmSmmuDomain
-from pkvm_smmu.host.arm_smmu_v3.entry import SteWriterOps, to_words, write_entry
 from pkvm_smmu.machine.devices import DmaEndpoint
 from pkvm_smmu.machine.memory import PAGE_SIZE
 from pkvm_smmu.pgtable import IoPageTable
@@ -24,6 +23,7 @@ from pkvm_smmu.pgtable.prot import Prot
 from pkvm_smmu.scenarios import native
 from pkvm_smmu.scenarios import pkvm as pkvm_scenario
 from pkvm_smmu.scenarios.boot import RunOptions
+from pkvm_smmu.smmu_lib.entry import SteWriterOps, to_words, write_entry
 from pkvm_smmu.verify.sanitizer import Check, Sanitizer, SanitizerReport
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "machine", "smmu"))

@@ -19,8 +19,8 @@ from pkvm_smmu.host.arm_smmu_v3.domain import (
     Master,
 )
 from pkvm_smmu.host.arm_smmu_v3.driver import ArmSmmuEnv, ArmSmmuV3Driver, SmmuFirmware
-from pkvm_smmu.host.arm_smmu_v3.entry import EntryWriter, write_entry
 from pkvm_smmu.host.arm_smmu_v3.features import ARM_SMMU_POLL_TIMEOUT_US, Feat, Opt
+from pkvm_smmu.smmu_lib.entry import EntryWriter, write_entry
 
 __all__ = [
     "ARM_SMMU_POLL_TIMEOUT_US",

@@ -45,7 +45,6 @@ from pkvm_smmu.arch.registers import (
     Ttf,
 )
 from pkvm_smmu.arch.strtab import L1STD, STE, STE_SIZE
-from pkvm_smmu.host.arm_smmu_v3.entry import SteWriterOps, to_words, write_entry
 from pkvm_smmu.host.arm_smmu_v3.features import (
     ARM_SMMU_POLL_TIMEOUT_US,
     CMDQ_BATCH_ENTRIES,
@@ -68,6 +67,7 @@ from pkvm_smmu.host.arm_smmu_v3.ste import make_abort_ste, make_bypass_ste
 from pkvm_smmu.host.hw import Cpu
 from pkvm_smmu.pgtable.allocator import PageAllocator
 from pkvm_smmu.pgtable.memory import TableMemory
+from pkvm_smmu.smmu_lib.entry import SteWriterOps, to_words, write_entry
 from pkvm_smmu.trace.bus import TraceBus
 
 if TYPE_CHECKING:

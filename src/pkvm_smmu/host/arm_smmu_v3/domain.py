@@ -16,7 +16,6 @@ from pkvm_smmu.arch.commands import Opcode, build_command
 from pkvm_smmu.arch.strtab import CD, CD_SIZE, L1CD, STE, Eats, S1Dss, S1Fmt, SteConfig
 from pkvm_smmu.arch.vmsa import GRANULES
 from pkvm_smmu.host.arm_smmu_v3.cd import make_s1_cd
-from pkvm_smmu.host.arm_smmu_v3.entry import CdWriterOps, to_words, write_entry
 from pkvm_smmu.host.arm_smmu_v3.features import (
     CTXDESC_L2_ENTRIES,
     CTXDESC_LINEAR_CDMAX,
@@ -48,6 +47,7 @@ from pkvm_smmu.pgtable.config import PageTableConfig
 from pkvm_smmu.pgtable.gather import IotlbGather
 from pkvm_smmu.pgtable.prot import Prot
 from pkvm_smmu.pgtable.table import IoPageTable
+from pkvm_smmu.smmu_lib.entry import CdWriterOps, to_words, write_entry
 
 if TYPE_CHECKING:
     from pkvm_smmu.host.arm_smmu_v3.device import ArmSmmuDevice, DmaMemory

@@ -15,13 +15,14 @@ from typing import Protocol
 
 from pkvm_smmu.arch.commands import CMD_SIZE, Opcode, SyncCs, build_command
 from pkvm_smmu.arch.queues import q_empty, q_full, q_inc, q_slot
-from pkvm_smmu.arch.registers import CMDQ_CONS, Reg, Shareability
+from pkvm_smmu.arch.registers import CMDQ_CONS, GERROR, CmdqError, Reg, Shareability
 
 ARM_SMMU_POLL_TIMEOUT_US = 1_000_000
 ARM_SMMU_MEMATTR_OIWB = 0xF
 CMDQ_TLBI_RANGE_NUM_MAX = 31
 _FIRST_STEP_NS = 50
 _MAX_STEP_NS = 64_000
+_CMDQ_ERR = GERROR.CMDQ_ERR.in_place_mask
 
 
 class HypSmmuIo(Protocol):
@@ -43,6 +44,8 @@ class HypSmmuIo(Protocol):
 
     def trace_command(self, command: int, origin: str) -> None: ...
 
+    def warn(self, message: str, **fields: object) -> None: ...
+
 
 def sync_command() -> int:
     """CMD_SYNC as ``arm_smmu_cmdq_build_cmd`` builds it without an MSI address: SIG_SEV."""
@@ -60,11 +63,14 @@ def wait_for(io: HypSmmuIo, condition: Callable[[], bool], timeout_us: int = ARM
 class HypCmdq:
     """``smmu->cmdq``: the queue as the SMMU sees it, owned by the hyp."""
 
-    def __init__(self, io: HypSmmuIo, base: int, log2size: int) -> None:
+    def __init__(self, io: HypSmmuIo, base: int, log2size: int, skip_errors: bool = False) -> None:
         self.io = io
         self.base = base
         self.log2size = log2size
         self.prod = 0
+        # The hyp acknowledges command errors itself (not in v4: the queue stays stopped).
+        self.skip_errors = skip_errors
+        self.errors_skipped = 0
 
     @property
     def entries(self) -> int:
@@ -76,7 +82,26 @@ class HypCmdq:
         return self.base | self.log2size
 
     def _cons(self) -> int:
+        if self.skip_errors:
+            self.skip_error()
         return CMDQ_CONS.RD.get(self.io.read_reg(Reg.CMDQ_CONS))
+
+    def skip_error(self) -> bool:
+        """``arm_smmu_cmdq_skip_err`` by the hyp: when GERROR.CMDQ_ERR is active, replace an
+        illegal command at CONS with a CMD_SYNC (an aborted fetch or a failed ATC invalidation is
+        retried as it stands), then acknowledge the error so the SMMU resumes from CONS."""
+        gerrorn = self.io.read_reg(Reg.GERRORN)
+        if not (self.io.read_reg(Reg.GERROR) ^ gerrorn) & _CMDQ_ERR:
+            return False
+        cons = self.io.read_reg(Reg.CMDQ_CONS)
+        error = CMDQ_CONS.ERR.get(cons)
+        if error not in (CmdqError.ABT, CmdqError.ATC_INV_SYNC):
+            slot = q_slot(CMDQ_CONS.RD.get(cons), self.log2size)
+            self.io.write_mem(self.base + slot * CMD_SIZE, sync_command().to_bytes(CMD_SIZE, "little"))
+        self.io.write_reg(Reg.GERRORN, gerrorn ^ _CMDQ_ERR)
+        self.errors_skipped += 1
+        self.io.warn("command queue error acknowledged", error=error, cons=cons)
+        return True
 
     def full(self) -> bool:
         return q_full(self.prod, self._cons(), self.log2size)

@@ -393,7 +393,7 @@ class HypSmmuV3:
         base = self._shadow_memory(self.desc.cmdq_pa, self.desc.cmdq_size, CMD_SIZE << log2, "command queue")
         if base is None:
             return -errno.ENOMEM
-        self.cmdq = HypCmdq(self, base, log2)
+        self.cmdq = HypCmdq(self, base, log2, skip_errors=self.policy.recovers_cmdq_errors)
         self._hw_write(Reg.CMDQ_PROD, 4, 0)
         self._hw_write(Reg.CMDQ_CONS, 4, 0)
         self._hw_write(Reg.CMDQ_BASE, 8, self.cmdq.q_base)
@@ -479,9 +479,9 @@ class HypSmmuV3:
                 if self.cmdq.add_cmd(command):
                     self.warn("TLBI_S2_IPA not queued", iova=iova)
             if self.cmdq.sync():
-                self.warn("CMD_SYNC after TLBI_S2_IPA timed out", iova=iova, size=size)
+                self.policy.invalidation_failed(self, f"TLBI_S2_IPA [{iova:#x}, +{size:#x})")
             if self.cmdq.send_cmd(build_command(Opcode.TLBI_NH_ALL, VMID=0)):
-                self.warn("TLBI_NH_ALL timed out", iova=iova, size=size)
+                self.policy.invalidation_failed(self, f"TLBI_NH_ALL after [{iova:#x}, +{size:#x})")
 
     # -- MMIO emulation (patch 19) -----------------------------------------------------------------------
     def contains(self, address: int) -> bool:
@@ -518,7 +518,7 @@ class HypSmmuV3:
             if is_write:
                 self.warn("write to a read-only register dropped", reg=reg, value=value)
                 return 0
-            return self._hw_read(offset, size) & rule.read_mask
+            return self.policy.register_read(self, offset, size, self._hw_read(offset, size) & rule.read_mask)
         if rule.access is RegAccess.PASS:
             if is_write:
                 allowed = self.policy.passthrough_write(self, offset, size, value)
@@ -546,7 +546,7 @@ class HypSmmuV3:
             self._smmu_enable()
         elif changed & _SMMUEN:
             self._smmu_disable()
-        self._hw_write(Reg.CR0, size, value)
+        self._hw_write(Reg.CR0, size, self.policy.cr0_hardware(self, value))
         return 0
 
     def _emulate_cr1(self, size: int, is_write: bool, value: int) -> int:
@@ -574,6 +574,8 @@ class HypSmmuV3:
     def _emulate_cmdq_prod(self, size: int, is_write: bool, value: int) -> int:
         if not is_write:
             return self.host_prod
+        if not self.policy.cmdq_prod_write(self, value, self.host_cons, self.host_cmdq_shift):
+            return 0
         self.host_prod = value
         self._emulate_cmdq_insert()
         return 0
@@ -615,6 +617,8 @@ class HypSmmuV3:
         while not q_empty(self.host_prod, self.host_cons, shift):
             if wait_for(self, lambda: not cmdq.full()):
                 self.warn("shadow command queue full")
+                if self.policy.bounded_cmdq_traps:
+                    break  # the rest waits for the host's next PROD write
             data = self._read_mem(base + q_slot(self.host_cons, shift) * CMD_SIZE, CMD_SIZE)
             if data is None:
                 break
@@ -625,6 +629,8 @@ class HypSmmuV3:
             for index, issued in enumerate(verdict.commands):
                 if index and wait_for(self, lambda: not cmdq.full()):  # a variant may add commands
                     self.warn("shadow command queue full")
+                    if self.policy.bounded_cmdq_traps:
+                        break
                 cmdq.add_cmd_raw(issued)
             if trace.enabled:
                 trace.emit(

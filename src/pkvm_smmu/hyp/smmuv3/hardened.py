@@ -13,29 +13,71 @@
   host-owned memory, which is then shared and pinned until the base changes. The *_IRQ_CFG0 MSI
   address registers are not written (IDR0.MSI is already hidden from the host).
 - MMIO donation (finding 5): ``strict_mmio_checks`` on, the v5 checks Will asked for.
+- Shadow STE writes (finding 6): Linux's entry-update algorithm (``smmu_lib.entry``), so every
+  synced intermediate state is the old or the new STE, or V=0.
+- The trap's work (finding 8): a PROD more than a queue ahead of the emulated CONS is refused, and
+  copying stops when the shadow queue stays full.
+- The hyp's invalidation path (finding 9): the hyp owns CR0.CMDQEN (the host's bit is emulated),
+  accepts only the commands this SMMU implements, acknowledges command errors itself as
+  ``arm_smmu_cmdq_skip_err`` does (GERROR.CMDQ_ERR and GERRORN.CMDQ_ERR are its own), and an
+  invalidation that does not complete fences the SMMU: SMMUEN stays 0 at the hardware, so GBPA's
+  abort applies to every stream and no stale cache entry is used again.
 """
 
 from __future__ import annotations
 
 import errno
+from dataclasses import dataclass, field
 from typing import Any
 
-from pkvm_smmu.arch.registers import CR0, EVENTQ_BASE, Reg
+from pkvm_smmu.arch.commands import Opcode, cfgi_all
+from pkvm_smmu.arch.queues import q_used
+from pkvm_smmu.arch.registers import CR0, EVENTQ_BASE, GERROR, IDR0, Reg, StallModel
 from pkvm_smmu.arch.strtab import L1STD, STE, STE_SIZE, Eats, SteConfig
 from pkvm_smmu.hyp.contracts import HOST, PageState
+from pkvm_smmu.hyp.smmuv3.cmdq import wait_for
 from pkvm_smmu.hyp.smmuv3.policy import (
     POLICIES,
     STRTAB_SPLIT,
+    CmdAction,
+    CommandVerdict,
     IdentityS2,
     ShadowHow,
     SmmuContext,
     V4Policy,
 )
 from pkvm_smmu.machine.memory import PAGE_SHIFT, PAGE_SIZE
+from pkvm_smmu.smmu_lib.entry import SteWriterOps, ste_used, write_entry
 
 _L2PTR_MASK = ((1 << 52) - 1) & ~0x3F
 _L2_SIZE = STE_SIZE << STRTAB_SPLIT
 _ATSCHK = CR0.ATSCHK.in_place_mask
+_CMDQEN = CR0.CMDQEN.in_place_mask
+_SMMUEN = CR0.SMMUEN.in_place_mask
+_CMDQ_ERR = GERROR.CMDQ_ERR.in_place_mask
+# Commands every SMMU implements; the rest need a feature (IHI 0070 §4: CERROR_ILL without it).
+_ALWAYS_IMPLEMENTED = frozenset(
+    {
+        Opcode.PREFETCH_CONFIG,
+        Opcode.PREFETCH_ADDR,
+        Opcode.CFGI_STE,
+        Opcode.CFGI_STE_RANGE,
+        Opcode.TLBI_NSNH_ALL,
+        Opcode.SYNC,
+    }
+)
+_STAGE1 = frozenset(
+    {
+        Opcode.CFGI_CD,
+        Opcode.CFGI_CD_ALL,
+        Opcode.TLBI_NH_ALL,
+        Opcode.TLBI_NH_ASID,
+        Opcode.TLBI_NH_VA,
+        Opcode.TLBI_NH_VAA,
+    }
+)
+_STAGE2 = frozenset({Opcode.TLBI_S12_VMALL, Opcode.TLBI_S2_IPA})
+_STALLS = frozenset({Opcode.RESUME, Opcode.STALL_TERM})
 _MSI_ADDRESS_REGISTERS = frozenset(
     {int(Reg.GERROR_IRQ_CFG0), int(Reg.EVENTQ_IRQ_CFG0), int(Reg.PRIQ_IRQ_CFG0)}
 )
@@ -45,25 +87,110 @@ _QUEUE_BASES = {
 }
 
 
+@dataclass
+class _Smmu:
+    """What the hardened rules keep per SMMU."""
+
+    implemented: frozenset[int]
+    fenced: bool = False
+    queues: dict[str, Any] = field(default_factory=dict)  # event/PRI queues shared and pinned
+
+
+def implemented_opcodes(idr0: int) -> frozenset[int]:
+    """The command opcodes an SMMU with this IDR0 executes (the others are CERROR_ILL)."""
+    opcodes = set(_ALWAYS_IMPLEMENTED)
+    if IDR0.S1P.get(idr0):
+        opcodes |= _STAGE1
+    if IDR0.S2P.get(idr0):
+        opcodes |= _STAGE2
+    if IDR0.ATS.get(idr0):
+        opcodes.add(Opcode.ATC_INV)
+    if IDR0.PRI.get(idr0):
+        opcodes.add(Opcode.PRI_RESP)
+    if IDR0.STALL_MODEL.get(idr0) != StallModel.TERMINATE:
+        opcodes |= _STALLS
+    return frozenset(opcodes)
+
+
 class HardenedPolicy(V4Policy):
     """v4 plus the fixes of docs/findings.md."""
 
     name = "hardened"
+    bounded_cmdq_traps = True
+    recovers_cmdq_errors = True
+
+    def __init__(self) -> None:
+        self._smmus: dict[str, _Smmu] = {}
+
+    def _state(self, smmu: SmmuContext) -> _Smmu:
+        state = self._smmus.get(smmu.name)
+        if state is None:
+            state = self._smmus[smmu.name] = _Smmu(implemented_opcodes(_hyp(smmu)._hw_read(Reg.IDR0, 4)))
+        return state
 
     # -- finding 5 ------------------------------------------------------------------------------------------
     def takeover(self, smmu: SmmuContext) -> None:
         _hyp(smmu).iommu.mem_protect.strict_mmio_checks = True
 
-    # -- finding 1: ATSCHK ----------------------------------------------------------------------------------
-    def cr0_write(self, smmu: SmmuContext, value: int) -> int:
-        _hyp(smmu).__dict__["host_cr0_atschk"] = value & _ATSCHK
-        return value | _ATSCHK
+    # -- findings 1 and 9: CR0 bits the hyp owns ---------------------------------------------------------
+    def _owned_cr0(self, smmu: SmmuContext) -> int:
+        return _ATSCHK | _CMDQEN | (_SMMUEN if self._state(smmu).fenced else 0)
+
+    def cr0_hardware(self, smmu: SmmuContext, host_cr0: int) -> int:
+        value = host_cr0 | _ATSCHK
+        if _hyp(smmu).cmdq is not None:
+            value |= _CMDQEN  # the shadow queue runs whatever the host writes
+        if self._state(smmu).fenced:
+            value &= ~_SMMUEN
+        return value
 
     def register_read(self, smmu: SmmuContext, offset: int, size: int, value: int) -> int:
-        # The host polls CR0ACK for the value it wrote: show it its own ATSCHK, not the forced one.
+        hyp = _hyp(smmu)
         if offset in (int(Reg.CR0), int(Reg.CR0ACK)):
-            return value & ~_ATSCHK | _hyp(smmu).__dict__.get("host_cr0_atschk", 0)
+            # The host polls CR0ACK for the value it wrote: it sees its own bits where the hyp
+            # owns the hardware's.
+            owned = self._owned_cr0(smmu)
+            return value & ~owned | hyp.cr0 & owned
+        if offset == int(Reg.GERROR):
+            return value & ~_CMDQ_ERR | hyp._hw_read(Reg.GERRORN, 4) & _CMDQ_ERR
         return value
+
+    # -- finding 8: the work of one trap -----------------------------------------------------------------
+    def cmdq_prod_write(self, smmu: SmmuContext, prod: int, cons: int, log2size: int) -> bool:
+        if q_used(prod, cons, log2size) > 1 << log2size:
+            smmu.warn("CMDQ_PROD more than a queue ahead of CONS: refused", prod=prod, cons=cons)
+            return False
+        return True
+
+    # -- finding 9: commands and invalidations ----------------------------------------------------------
+    def filter_command(self, smmu: SmmuContext, command: int) -> CommandVerdict:
+        opcode = command & 0xFF
+        if opcode not in self._state(smmu).implemented:
+            smmu.warn("command this SMMU does not implement: dropped", opcode=opcode)
+            return CommandVerdict(CmdAction.DROP, (), "not implemented")
+        return super().filter_command(smmu, command)
+
+    def invalidation_failed(self, smmu: SmmuContext, what: str) -> None:
+        state = self._state(smmu)
+        smmu.warn(f"{what} did not complete: SMMU fenced", already=state.fenced)
+        if state.fenced:
+            return
+        state.fenced = True
+        hyp = _hyp(smmu)
+        hyp._hw_write(Reg.CR0, 4, self.cr0_hardware(smmu, hyp.cr0))
+        if wait_for(hyp, lambda: not hyp._hw_read(Reg.CR0ACK, 4) & _SMMUEN):
+            smmu.warn("SMMUEN did not clear")
+
+    # -- finding 6: the shadow STE write order ------------------------------------------------------------
+    def install_shadow_ste(self, smmu: SmmuContext, ste_pa: int, target: int) -> None:
+        hyp = _hyp(smmu)
+        data = hyp._read_mem(ste_pa, STE_SIZE)  # the hyp's own shadow entry
+        if data is None:
+            return
+        current = list(STE.to_words(STE.from_bytes(data)))
+        # Bits the configuration ignores are not written: the algorithm moves only used bits.
+        target_words = STE.to_words(target & ste_used(target))
+        write_entry(_ShadowSteWriter(self, smmu, ste_pa), current, target_words)
 
     # -- finding 4: queue bases and MSI addresses -------------------------------------------------------
     def passthrough_write(self, smmu: SmmuContext, offset: int, size: int, value: int) -> int | None:
@@ -80,7 +207,7 @@ class HardenedPolicy(V4Policy):
             return None
         log2 = min(EVENTQ_BASE.LOG2SIZE.get(value), 19)
         start = EVENTQ_BASE.ADDR.get_address(value)
-        pinned: dict[str, Any] = hyp.__dict__.setdefault("hardened_queues", {})
+        pinned = self._state(smmu).queues
         old = pinned.pop(what, None)
         if old is not None:
             hyp._unshare(old)
@@ -176,6 +303,22 @@ class HardenedPolicy(V4Policy):
         return 0
 
 
+class _ShadowSteWriter(SteWriterOps):
+    """Writes a live shadow STE; a sync is the hyp's CFGI_ALL + CMD_SYNC."""
+
+    def __init__(self, policy: HardenedPolicy, smmu: SmmuContext, ste_pa: int) -> None:
+        self.policy = policy
+        self.smmu = smmu
+        self.ste_pa = ste_pa
+
+    def write_qword(self, index: int, value: int) -> None:
+        self.smmu.write_u64(self.ste_pa + 8 * index, value)
+
+    def sync(self) -> None:
+        if self.smmu.send_cmd(cfgi_all()):
+            self.policy.invalidation_failed(self.smmu, "CFGI_ALL for a shadow STE")
+
+
 def _hyp(smmu: SmmuContext) -> Any:
     """The hyp's SMMU object behind the policy's context (``HypSmmuV3``): the fixes need its
     sharing helpers and shadow state, which the narrow context does not expose."""
@@ -198,6 +341,6 @@ def _host_owned(hyp: Any, start: int, size: int) -> bool:
     return True
 
 
-__all__ = ["HardenedPolicy"]
+__all__ = ["HardenedPolicy", "implemented_opcodes"]
 
 POLICIES["hardened"] = HardenedPolicy

@@ -11,6 +11,11 @@ What the driver asks of a policy:
 - the emulated registers' write rules: ``cr1_write``, ``cmdq_base_write``, ``cmdq_cons_write``,
   ``strtab_write``, ``gbpa_write``;
 - ``filter_command``: what goes into the shadow command queue in place of one host command;
+- the shadow command queue's robustness: ``cmdq_prod_write`` (accept a host PROD?),
+  ``bounded_cmdq_traps`` (stop copying when the shadow queue stays full), ``recovers_cmdq_errors``
+  (the hyp skips a command the SMMU rejected, as ``arm_smmu_cmdq_skip_err``), and
+  ``invalidation_failed`` (what an invalidation that did not complete does to the SMMU);
+- ``cr0_hardware``: the CR0 value written to the SMMU for the host's (emulated) CR0;
 - ``validate_strtab``, ``cfgi_ste`` and ``transform_ste``/``install_shadow_ste``: the shadow
   stream table.
 
@@ -250,8 +255,12 @@ class V4Policy:
         return value
 
     def cr0_write(self, smmu: SmmuContext, value: int) -> int:
-        """The CR0 value the emulation tracks and writes to the SMMU. v4: the host's value."""
+        """The CR0 value the emulation tracks as the host's. v4: the host's value."""
         return value
+
+    def cr0_hardware(self, smmu: SmmuContext, host_cr0: int) -> int:
+        """The CR0 value written to the SMMU for the host's CR0. v4: the same (patch 19)."""
+        return host_cr0
 
     def register_read(self, smmu: SmmuContext, offset: int, size: int, value: int) -> int:
         """What a host read of a pass-through register (or of CR0) returns, given the SMMU's value.
@@ -279,6 +288,20 @@ class V4Policy:
             smmu.warn("CMDQ_CONS written while the command queue is enabled", value=value)
             return False
         return True
+
+    # Patch 22 as posted: every PROD is taken, copying goes on when the shadow queue stays full, and
+    # a command the SMMU rejects stops the shadow queue until the host acknowledges the error.
+    bounded_cmdq_traps = False
+    recovers_cmdq_errors = False
+
+    def cmdq_prod_write(self, smmu: SmmuContext, prod: int, cons: int, log2size: int) -> bool:
+        """Accept a host CMDQ_PROD write, given the emulated CONS and the host queue's size? v4: yes."""
+        return True
+
+    def invalidation_failed(self, smmu: SmmuContext, what: str) -> None:
+        """An invalidation the hyp issued did not complete (its CMD_SYNC timed out). v4 (patch 27)
+        warns and carries on: the caches may still hold what was invalidated."""
+        smmu.warn(f"{what} did not complete")
 
     # -- stream table registers (patch 23) --------------------------------------------------------
     def strtab_write(self, smmu: SmmuContext, reg: Reg, value: int) -> bool:

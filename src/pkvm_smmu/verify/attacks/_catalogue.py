@@ -339,6 +339,42 @@ def invalidation_suppressed(system: System) -> list[Action]:
     ]
 
 
+def cmdq_off_then_donate(system: System) -> list[Action]:
+    """Suppressed invalidations, the hyp's own: with a host mapping of buffer #5 warm in the TLB,
+    the host writes CR0 without CMDQEN, then donates the page to a protected guest and DMAs to it.
+    v4 passes CR0 to the SMMU (patch 19), so the hyp's TLBI_S2_IPA + CMD_SYNC for the donation is
+    never consumed and its timeout is ignored (patch 27): the stale entry reaches guest memory
+    (finding 9). The hardened hyp owns CMDQEN and emulates the host's bit: blocked."""
+    return [
+        *_quiet_ats(),
+        Attach(PLAIN_DEVICE, "paging"),
+        IommuMap(PLAIN_DEVICE, IOVA, "buffer", 5, 0, 4096, 3),
+        Dma(0, SID_PLAIN, None, IOVA, 8, False),
+        *_cr0(CR0.encode(SMMUEN=1, EVENTQEN=1, ATSCHK=1)),
+        Donate("donate-guest", "buffer", 5),
+        Dma(0, SID_PLAIN, None, IOVA, 8, True),
+    ]
+
+
+def wedged_cmdq_then_donate(system: System) -> list[Action]:
+    """Malformed commands used to stop the hyp's queue: with buffer #5 warm in the TLB, the host
+    issues CMD_RESUME (no stall support here) and CMD_SYNC with the reserved CS=0b11, then donates
+    the page and DMAs to it. v4's filter passes both; the SMMU stops on CERROR_ILL and nothing
+    acknowledges it, so the donation's invalidation never runs (finding 9). The hardened hyp drops
+    commands the SMMU does not implement and acknowledges command errors itself after replacing
+    the command with CMD_SYNC: blocked."""
+    return [
+        *_quiet_ats(),
+        Attach(PLAIN_DEVICE, "paging"),
+        IommuMap(PLAIN_DEVICE, IOVA, "buffer", 5, 0, 4096, 3),
+        Dma(0, SID_PLAIN, None, IOVA, 8, False),
+        Command(0, build_command(Opcode.RESUME), sync=False),
+        Command(0, build_command(Opcode.SYNC, CS=0b11), sync=False),
+        Donate("donate-guest", "buffer", 5),
+        Dma(0, SID_PLAIN, None, IOVA, 8, True),
+    ]
+
+
 def racing_new_l2(system: System) -> list[Action]:
     """Racing updates of what the hyp reads: the host publishes a new L2 table for StreamIDs
     0x200-0x2ff and issues CFGI_STE 0x200. v4 reads the host's L1 descriptor twice in one trap
@@ -394,8 +430,8 @@ def queue_index_games(system: System) -> list[Action]:
     emulated CONS and PROD and refuses the CONS write, so isolation holds; but under v4 PROD moved
     backwards reads as a nearly full queue of garbage that the hyp drains synchronously, each
     illegal command waiting out its poll, keeping the hyp in one trap for over a minute of modeled
-    time: a stall (denial of service). The hardened policy does not bound this either (open item,
-    docs/findings.md finding 8)."""
+    time: a stall (denial of service, finding 8). The hardened hyp refuses a PROD more than a queue
+    ahead of its emulated CONS and acknowledges command errors itself: blocked."""
     return [
         RegWrite(0, Reg.CMDQ_PROD, 4, 0),
         RegWrite(0, Reg.CMDQ_PROD, 4, 1 << 31 | 3),
@@ -466,10 +502,12 @@ ATTACKS: tuple[Attack, ...] = (
     Attack("ats-host-eats", "ATS", ats_host_eats, _v4(_V)),
     Attack("stale-tlb-donation", "stale TLB after donation", stale_tlb_after_donation, _both(_B)),
     Attack("invalidation-games", "suppressed/reordered invalidations", invalidation_suppressed, _both(_B)),
+    Attack("cmdq-off-donation", "suppressed/reordered invalidations", cmdq_off_then_donate, _v4(_V)),
+    Attack("wedged-cmdq-donation", "malformed commands", wedged_cmdq_then_donate, _v4(_V)),
     Attack("racing-l1-fetch", "racing updates (TOCTOU)", racing_new_l2, _v4(_S), sanitizer=True),
     Attack("l1-repoint", "2-level L1 rewiring", l1_repoint, _v4(_V)),
     Attack("illegal-commands", "malformed commands", illegal_commands, _both(_B)),
-    Attack("queue-index-games", "CONS/PROD games", queue_index_games, _both(Outcome.STALL)),
+    Attack("queue-index-games", "CONS/PROD games", queue_index_games, _v4(Outcome.STALL)),
     Attack("toggle-enables", "enables mid-operation", toggle_enables, _both(_B)),
     Attack("out-of-range-sid", "out-of-range StreamIDs", out_of_range_sids, _both(_B)),
 )

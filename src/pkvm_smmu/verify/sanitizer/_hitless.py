@@ -30,12 +30,12 @@ from typing import TYPE_CHECKING
 
 from pkvm_smmu.arch.registers import STRTAB_BASE, STRTAB_BASE_CFG, StrtabFmt
 from pkvm_smmu.arch.strtab import CD, CD_SIZE, L1CD, L1STD, STE, STE_SIZE, SteConfig
-from pkvm_smmu.host.arm_smmu_v3.entry import cd_used, ste_update_safe, ste_used
 from pkvm_smmu.machine.bus import Access
 from pkvm_smmu.machine.memory import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, Ram
 from pkvm_smmu.machine.smmu.decode import WORLD_EL1, decode_cd, decode_ste
 from pkvm_smmu.machine.smmu.types import WalkConfig, WalkLeaf
 from pkvm_smmu.machine.smmu.walk import walk
+from pkvm_smmu.smmu_lib.entry import cd_used, ste_update_safe, ste_used
 from pkvm_smmu.verify.sanitizer._commands import ConfigScope
 from pkvm_smmu.verify.sanitizer._context import RunContext, read_entry
 from pkvm_smmu.verify.sanitizer._report import Check, Location, SanitizerReport

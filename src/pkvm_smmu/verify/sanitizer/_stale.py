@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING
 from pkvm_smmu.arch.commands import CMD_SIZE, pretty_command
 from pkvm_smmu.arch.queues import q_slot, q_used
 from pkvm_smmu.arch.registers import CMDQ_CONS, Reg
-from pkvm_smmu.host.arm_smmu_v3.entry import cd_used, ste_update_safe, ste_used
 from pkvm_smmu.machine.bus import Access
 from pkvm_smmu.machine.memory import PAGE_SHIFT
 from pkvm_smmu.machine.smmu.decode import ContextConfig, StreamConfig
 from pkvm_smmu.machine.smmu.tlb import WORLD_EL1, TlbEntry
 from pkvm_smmu.machine.smmu.types import Transaction, TranslationKind, TranslationResult
+from pkvm_smmu.smmu_lib.entry import cd_used, ste_update_safe, ste_used
 from pkvm_smmu.verify.sanitizer._commands import CommandDecoder, ConfigScope
 from pkvm_smmu.verify.sanitizer._context import RunContext, read_entry, read_u64
 from pkvm_smmu.verify.sanitizer._report import Check, Location, SanitizerReport

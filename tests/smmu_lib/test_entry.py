@@ -13,18 +13,6 @@ import pytest
 from pkvm_smmu.arch.strtab import CD, STE, S1Dss, S1Fmt
 from pkvm_smmu.arch.vmsa import GRANULES
 from pkvm_smmu.host.arm_smmu_v3.cd import make_s1_cd
-from pkvm_smmu.host.arm_smmu_v3.entry import (
-    NUM_ENTRY_QWORDS,
-    CdWriterOps,
-    EntryMaskError,
-    SteWriterOps,
-    cd_used,
-    from_words,
-    ste_update_safe,
-    ste_used,
-    to_words,
-    write_entry,
-)
 from pkvm_smmu.host.arm_smmu_v3.features import Feat
 from pkvm_smmu.host.arm_smmu_v3.ste import (
     CdTableCfg,
@@ -37,6 +25,18 @@ from pkvm_smmu.host.arm_smmu_v3.ste import (
 from pkvm_smmu.machine.smmu.decode import WORLD_EL1, decode_cd, decode_ste
 from pkvm_smmu.machine.smmu.features import SmmuFeatures
 from pkvm_smmu.pgtable.config import PageTableConfig
+from pkvm_smmu.smmu_lib.entry import (
+    NUM_ENTRY_QWORDS,
+    CdWriterOps,
+    EntryMaskError,
+    SteWriterOps,
+    cd_used,
+    from_words,
+    ste_update_safe,
+    ste_used,
+    to_words,
+    write_entry,
+)
 
 G4K = GRANULES[4096]
 S1_CFG = PageTableConfig(stage=1, granule=G4K, ias=48, oas=48)
