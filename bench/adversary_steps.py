@@ -1,5 +1,5 @@
 """Adversarial steps per second with the isolation oracle on, on the default platform under pKVM
-(``trap-emulate``, v4). Target: >= 1,000 steps/s per core.
+(``trap-emulate``, v4 unless ``--policy``). Target: >= 1,000 steps/s per core.
 
 Each episode is a fresh system (booted outside the timing: a campaign boots once per worker and
 forks every run from that template) driven by the campaign's seeded generator, with the oracle's
@@ -16,7 +16,7 @@ Figures are process CPU time. Per action kind: count, mean cost and share of the
 share is measured around ``System.check``. ``--profile`` prints the top functions.
 
     python3 bench/adversary_steps.py [--episodes N] [--steps S] [--seed X] [--mix both|default|alive]
-                                     [--profile]
+                                     [--policy v4|hardened] [--profile]
 """
 
 from __future__ import annotations
@@ -51,13 +51,15 @@ class Timed:
         system.check = check  # type: ignore[method-assign]
 
 
-def run_mix(alive: bool, episodes: int, steps: int, seed: int, profiler: cProfile.Profile | None) -> None:
+def run_mix(
+    alive: bool, episodes: int, steps: int, seed: int, policy: str, profiler: cProfile.Profile | None
+) -> None:
     per_kind: dict[str, list[float]] = defaultdict(list)
     total = oracle = boot = 0.0
     count = 0
     for episode in range(episodes):
         start = time.process_time()
-        system = build_system(SystemSpec())
+        system = build_system(SystemSpec(policy=policy))
         boot += time.process_time() - start
         timed = Timed(system)
         session = Session(system)
@@ -96,14 +98,15 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=20)
     parser.add_argument("--steps", type=int, default=50, help="steps per episode")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--policy", default="v4", help="the hyp's emulation policy (v4, hardened)")
     parser.add_argument("--mix", choices=("both", "default", "alive"), default="both")
     parser.add_argument("--profile", action="store_true", help="print the top functions by cumulative time")
     args = parser.parse_args()
-    print("pKVM (trap-emulate, v4) on the default platform; isolation oracle checked after every step")
+    print(f"pKVM (trap-emulate, {args.policy}) on the default platform; isolation oracle after every step")
     mixes = {"both": (False, True), "default": (False,), "alive": (True,)}[args.mix]
     for alive in mixes:
         profiler = cProfile.Profile() if args.profile else None
-        run_mix(alive, args.episodes, args.steps, args.seed, profiler)
+        run_mix(alive, args.episodes, args.steps, args.seed, args.policy, profiler)
         if profiler is not None:
             pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
 

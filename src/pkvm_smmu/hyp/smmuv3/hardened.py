@@ -202,25 +202,29 @@ class HardenedPolicy(V4Policy):
             return value
         what, entry_size, enable = queue
         hyp = _hyp(smmu)
-        if hyp.cr0 & enable.in_place_mask:
+        # The SMMU ignores the base while the queue is enabled or not yet acknowledged as off.
+        if (hyp.cr0 | hyp._hw_read(Reg.CR0ACK, 4)) & enable.in_place_mask:
             smmu.warn(f"{what} base written while enabled", value=value)
             return None
         log2 = min(EVENTQ_BASE.LOG2SIZE.get(value), 19)
         start = EVENTQ_BASE.ADDR.get_address(value)
-        pinned = self._state(smmu).queues
-        old = pinned.pop(what, None)
-        if old is not None:
-            hyp._unshare(old)
         size = entry_size << log2
+        pinned = self._state(smmu).queues
+        old = pinned.get(what)
+        if old is not None and (old.start, old.size) == (start, size):
+            return value
         # The SMMU ignores address bits below the queue's size: a misaligned base is really the
         # aligned one below it, which is not what would be checked.
         if start & (size - 1) or not _host_owned(hyp, start, size):
+            # Dropped: the SMMU keeps the old base, so the old queue stays pinned.
             smmu.warn(f"{what} base is not host-owned memory: dropped", value=value)
             return None
         shared = hyp._share(what, start, size)
         if not shared.usable:
             hyp._unshare(shared)
             return None
+        if old is not None:
+            hyp._unshare(old)  # only once the SMMU is given the new base
         pinned[what] = shared
         return value
 
