@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from pkvm_smmu.arch.commands import Opcode, build_command
-from pkvm_smmu.arch.queues import q_empty
+from pkvm_smmu.arch.queues import q_empty, q_inc, q_slot, q_used
 from pkvm_smmu.arch.registers import CMDQ_BASE, CMDQ_CONS, CR0, GERROR, CmdqError, Reg
 from pkvm_smmu.hyp.smmuv3.hardened import implemented_opcodes
 from pkvm_smmu.machine.smmu.executor import CommandExecutor
@@ -187,3 +187,26 @@ def _as_executor(smmu: object) -> CommandExecutor:
     executor = CommandExecutor.__new__(CommandExecutor)
     executor.smmu = smmu  # type: ignore[assignment]
     return executor
+
+
+def test_one_trap_handles_a_bounded_batch_and_cons_reads_continue() -> None:
+    """300 host commands published by one PROD write: hardened handles 128 in that trap and 128
+    more on each CMDQ_CONS read the host makes while it waits; v4 handles all 300 at once."""
+    for policy, first_batch in (("v4", 300), ("hardened", 128)):
+        system = build_system(SystemSpec(policy=policy))
+        session = Session(system)
+        try:
+            session.boot()
+            hyp = system.hyp_driver.smmus[0]
+            shift, cons = hyp.host_cmdq_shift, hyp.host_cons
+            nop = build_command(Opcode.PREFETCH_CONFIG, SID=0x8).to_bytes(16, "little")
+            for n in range(300):
+                slot = q_slot(q_inc(cons, n, shift), shift)
+                system.machine.bus.ram.write(hyp.host_cmdq.start + 16 * slot, nop)
+            prod = q_inc(cons, 300, shift)
+            session.step(RegWrite(0, Reg.CMDQ_PROD, 4, prod))
+            assert q_used(hyp.host_cons, cons, shift) == first_batch
+            session.step(RegRead(0, Reg.CMDQ_CONS, 4))
+            assert q_used(hyp.host_cons, cons, shift) == min(300, 2 * first_batch)
+        finally:
+            system.close()

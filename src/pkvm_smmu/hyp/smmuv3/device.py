@@ -585,6 +585,8 @@ class HypSmmuV3:
             if self.policy.cmdq_cons_write(self, value):
                 self.host_cons = value
             return 0
+        if self.policy.cmdq_batch_per_trap is not None:
+            self._emulate_cmdq_insert()  # the host waits on CONS: one more batch of its commands
         # Errors reach the host through the real CONS.ERR.
         return self.host_cons | (self._hw_read(Reg.CMDQ_CONS, 4) & _CONS_ERR)
 
@@ -614,7 +616,12 @@ class HypSmmuV3:
         shift = self.host_cmdq_shift
         base = shared.start
         trace = self.trace
+        budget = self.policy.cmdq_batch_per_trap
         while not q_empty(self.host_prod, self.host_cons, shift):
+            if budget is not None:
+                if budget <= 0:
+                    break  # the rest on the host's next CMDQ_CONS read or PROD write
+                budget -= 1
             if wait_for(self, lambda: not cmdq.full()):
                 self.warn("shadow command queue full")
                 if self.policy.bounded_cmdq_traps:

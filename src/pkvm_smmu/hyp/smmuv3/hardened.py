@@ -15,8 +15,9 @@
 - MMIO donation (finding 5): ``strict_mmio_checks`` on, the v5 checks Will asked for.
 - Shadow STE writes (finding 6): Linux's entry-update algorithm (``smmu_lib.entry``), so every
   synced intermediate state is the old or the new STE, or V=0.
-- The trap's work (finding 8): a PROD more than a queue ahead of the emulated CONS is refused, and
-  copying stops when the shadow queue stays full.
+- The trap's work (finding 8): a PROD more than a queue ahead of the emulated CONS is refused, one
+  trap handles at most 128 host commands (the host's CMDQ_CONS reads, which it polls while it
+  waits, continue the batch), and copying stops when the shadow queue stays full.
 - The hyp's invalidation path (finding 9): the hyp owns CR0.CMDQEN (the host's bit is emulated),
   accepts only the commands this SMMU implements, acknowledges command errors itself as
   ``arm_smmu_cmdq_skip_err`` does (GERROR.CMDQ_ERR and GERRORN.CMDQ_ERR are its own), and an
@@ -118,6 +119,8 @@ class HardenedPolicy(V4Policy):
     name = "hardened"
     bounded_cmdq_traps = True
     recovers_cmdq_errors = True
+    # Linux submits at most CMDQ_BATCH_ENTRIES (64) commands and a CMD_SYNC per PROD write.
+    cmdq_batch_per_trap = 128
 
     def __init__(self) -> None:
         self._smmus: dict[str, _Smmu] = {}

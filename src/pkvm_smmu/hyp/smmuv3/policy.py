@@ -12,7 +12,8 @@ What the driver asks of a policy:
   ``strtab_write``, ``gbpa_write``;
 - ``filter_command``: what goes into the shadow command queue in place of one host command;
 - the shadow command queue's robustness: ``cmdq_prod_write`` (accept a host PROD?),
-  ``bounded_cmdq_traps`` (stop copying when the shadow queue stays full), ``recovers_cmdq_errors``
+  ``bounded_cmdq_traps`` (stop copying when the shadow queue stays full), ``cmdq_batch_per_trap``
+  (how many host commands one trap handles), ``recovers_cmdq_errors``
   (the hyp skips a command the SMMU rejected, as ``arm_smmu_cmdq_skip_err``), and
   ``invalidation_failed`` (what an invalidation that did not complete does to the SMMU);
 - ``cr0_hardware``: the CR0 value written to the SMMU for the host's (emulated) CR0;
@@ -293,6 +294,9 @@ class V4Policy:
     # a command the SMMU rejects stops the shadow queue until the host acknowledges the error.
     bounded_cmdq_traps = False
     recovers_cmdq_errors = False
+    # Host commands handled per trap (None: all of them, as posted); the rest wait for the host's
+    # next CMDQ_CONS read or PROD write.
+    cmdq_batch_per_trap: int | None = None
 
     def cmdq_prod_write(self, smmu: SmmuContext, prod: int, cons: int, log2size: int) -> bool:
         """Accept a host CMDQ_PROD write, given the emulated CONS and the host queue's size? v4: yes."""

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 _SMMUEN = CR0.SMMUEN.in_place_mask
 TRAP_BEGIN = "trap.begin"
 TRAP_END = "trap.end"
+# The hyp is done with one host command copied out of the host's queue (its verdict).
+HYP_COMMAND_DONE = frozenset({"cmd.pass", "cmd.rewrite", "cmd.drop"})
 
 
 class _SmmuWatch:
@@ -198,9 +200,10 @@ class Sanitizer:
 
     def location(self, initiator: str, address: int, what: str = "") -> Location:
         trap = self._trap
-        if trap is not None:
-            what = f"{what}; in the trap at seq {trap.seq}" if what else f"in the trap at seq {trap.seq}"
-        return Location(self._last_seq, self.clock.now_ns, initiator, address, what)
+        if trap is None:
+            return Location(self._last_seq, self.clock.now_ns, initiator, address, what)
+        what = f"{what}; in the trap at seq {trap.seq}" if what else f"in the trap at seq {trap.seq}"
+        return Location(self._last_seq, self.clock.now_ns, initiator, address, what, trap.seq)
 
     def add(self, report: SanitizerReport) -> None:
         self.reports.append(report)
@@ -263,7 +266,9 @@ class Sanitizer:
             elif event.kind == "reg.update":
                 watch.register_updated(event)
             return
-        if event.kind == TRAP_BEGIN:
+        if event.kind in HYP_COMMAND_DONE and self._double_fetch is not None:
+            self._double_fetch.command_done()
+        elif event.kind == TRAP_BEGIN:
             address = int(event.fields.get("address", 0))
             trapped = self._mmio_watch(address)
             device = trapped.smmu.name if trapped is not None else event.component

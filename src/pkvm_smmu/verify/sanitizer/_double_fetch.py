@@ -4,6 +4,11 @@ Between the hyp's ``trap.begin`` and ``trap.end`` trace markers, every EL2 read 
 write (pages it owns, shared with the hyp or not) is remembered; a read overlapping an earlier one
 is a double fetch: the host may change the memory between the two, so whatever the handler checked
 in one copy need not hold in the other (the root of time-of-check/time-of-use bugs).
+
+The hyp's command-queue emulation handles the host commands of one PROD write one after the other,
+each on its own, from its copy to its verdict (``cmd.pass``/``cmd.rewrite``/``cmd.drop``): reading
+the same memory again for the next command is what handling two commands means, so the
+remembered reads start afresh after each verdict.
 """
 
 from __future__ import annotations
@@ -49,6 +54,12 @@ class DoubleFetchCheck:
 
     def trap_end(self) -> None:
         self._trap = None
+
+    def command_done(self) -> None:
+        """The trapped handler is done with one host command: the next is a new unit of work."""
+        if self._trap is not None:
+            self._trap.reads.clear()
+            self._trap.reported.clear()
 
     def read(self, access: Access, where: Location) -> None:
         trap = self._trap

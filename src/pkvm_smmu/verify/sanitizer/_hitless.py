@@ -12,7 +12,11 @@ through between two such sync points may be what the SMMU uses. Two rules follow
   one after it, or be invalid (V=0), or be where a break-before-make starts (the next is V=0), and
   be legal. Two used words changed with a sync in between (S1 -> S2 without going through V=0)
   breaks this one. The sanitizer cannot see intent: software that makes two complete updates in a
-  row, with no transaction in between, is judged as if it made one.
+  row, with no transaction in between, is judged as if it made one; except the hyp, whose updates
+  are bounded by the traps they are made in (stores of two traps are two updates).
+
+A CD table a nested STE reaches is fetched through stage 2: a store to it while stage 2 does not
+map it (the page was taken from the host) cannot be observed, so it is not a step of an update.
 
 Reachability follows the hardware: while SMMUEN is set, the stream table the STRTAB registers
 describe (every L2 table a valid L1 descriptor points to), and the CD tables the STEs in it point
@@ -107,7 +111,8 @@ class _Region:
     first: int  # STE: SID of the first entry; CD: CD index of the first entry; L1: first L1 index
     world: str = WORLD_EL1  # CD tables: the StreamWorld their CDs are decoded in
     leaf_bits: int = 0  # L1STD: SPLIT; L1CD: CD index bits per L2 table
-    s2: WalkConfig | None = None  # L1CD tables of nested STEs: L2 pointers are IPAs
+    s2: WalkConfig | None = None  # tables of nested STEs: fetched, and L2 pointers taken, as IPAs
+    ipa: int | None = None  # with s2: the IPA the SMMU fetches ``base`` at
     sids: set[int] = field(default_factory=set)  # CD and L1CD tables: the SIDs reaching them
     parent: _Region | None = None
     children: dict[int, list[_Region]] = field(default_factory=dict)  # L1 index -> L2 tables
@@ -201,10 +206,11 @@ class HitlessCheck:
         world: str = WORLD_EL1,
         leaf_bits: int = 0,
         s2: WalkConfig | None = None,
+        ipa: int | None = None,
         parent: _Region | None = None,
     ) -> _Region:
         shadow = _Shadow(self.run.ram, base, size)
-        return self._add(_Region(kind, base, shadow, first, world, leaf_bits, s2, parent=parent))
+        return self._add(_Region(kind, base, shadow, first, world, leaf_bits, s2, ipa, parent=parent))
 
     def _build_stream_table(self) -> None:
         smmu = self.smmu
@@ -248,9 +254,19 @@ class HitlessCheck:
             return
         first = (region.first + index) << region.leaf_bits
         size = CD_SIZE << region.leaf_bits
+        l2 = L1CD.L2PTR.get_address(desc)
         region.children[index] = [
-            self._region(CD_TABLE, pa, chunk, first + offset // CD_SIZE, world=region.world, parent=region)
-            for pa, chunk, offset in self._chunks(L1CD.L2PTR.get_address(desc), size, region.s2)
+            self._region(
+                CD_TABLE,
+                pa,
+                chunk,
+                first + offset // CD_SIZE,
+                world=region.world,
+                s2=region.s2,
+                ipa=l2 + offset if region.s2 is not None else None,
+                parent=region,
+            )
+            for pa, chunk, offset in self._chunks(l2, size, region.s2)
         ]
 
     def _scan_stes(self, region: _Region) -> None:
@@ -294,12 +310,21 @@ class HitlessCheck:
             leaf_bits = 0
             kind, size, entry_size = CD_TABLE, CD_SIZE << cdmax, CD_SIZE
         tables = []
-        for pa, chunk, offset in self._chunks(ptr & ~(size - 1), size, s2):
+        base = ptr & ~(size - 1)
+        for pa, chunk, offset in self._chunks(base, size, s2):
             key = (kind, pa, chunk)
             region = self._cd_tables.get(key)
             if region is None:
+                ipa = base + offset if s2 is not None else None
                 region = self._region(
-                    kind, pa, chunk, offset // entry_size, world=stream.world, leaf_bits=leaf_bits, s2=s2
+                    kind,
+                    pa,
+                    chunk,
+                    offset // entry_size,
+                    world=stream.world,
+                    leaf_bits=leaf_bits,
+                    s2=s2,
+                    ipa=ipa,
                 )
                 self._cd_tables[key] = region
                 if kind == L1CD_TABLE:
@@ -349,6 +374,8 @@ class HitlessCheck:
             if old == new:
                 continue
             region.shadow.write(address, new)
+            if not self._fetchable(region, address):
+                continue
             if region.kind in (L1STD_TABLE, L1CD_TABLE):
                 self._l1_changed(region, slot)
                 continue
@@ -356,6 +383,14 @@ class HitlessCheck:
                 continue
             seen.add(address)
             self._step(region, address, region.first + slot, old, new, where)
+
+    def _fetchable(self, region: _Region, address: int) -> bool:
+        """Can the SMMU fetch ``address`` now? Tables reached through stage 2 only while it maps them."""
+        if region.s2 is None or region.ipa is None:
+            return True
+        ipa = region.ipa + (address - region.base)
+        leaf = walk(region.s2, ipa, lambda pa: self.run.ram.read_int(pa, 8))
+        return isinstance(leaf, WalkLeaf) and leaf.output_base + (ipa - leaf.input_base) == address
 
     def _step(
         self, region: _Region, address: int, index: int, old: bytes, new: bytes, where: Location
@@ -430,7 +465,16 @@ class HitlessCheck:
             self._report(structure, state, synced, current, store, where, transient=False)
         reported = bool(bad)
         previous = structure.previous
-        if not reported and not structure.reported and previous is not None and not structure.used:
+        made_by = structure.made_by
+        # The hyp's updates end with the trap they were made in.
+        one_update = made_by is not None and all(store.trap == made_by.trap for _, store in structure.states)
+        if (
+            one_update
+            and not reported
+            and not structure.reported
+            and previous is not None
+            and not structure.used
+        ):
             # The synced state was left before anything used it: one step of a longer update.
             safe_before = ste_update_safe(previous, current) if structure.is_ste else 0
             valid = STE.V.get(synced) if structure.is_ste else CD.V.get(synced)
@@ -444,8 +488,8 @@ class HitlessCheck:
                     or self._behaves_as(structure, synced, current, safe_before)
                 )
             ):
-                assert structure.made_by is not None
-                self._report(structure, synced, previous, current, structure.made_by, where, transient=True)
+                assert made_by is not None
+                self._report(structure, synced, previous, current, made_by, where, transient=True)
                 reported = True
         # What made the new synced state: the first store that left the old one's behaviour.
         departed = (

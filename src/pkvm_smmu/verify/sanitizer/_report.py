@@ -37,6 +37,7 @@ class Location:
     initiator: str
     address: int
     what: str = ""
+    trap: int | None = None  # seq of the hyp trap the access was made in, if any
 
     def __str__(self) -> str:
         text = f"seq {self.seq} @{self.time_ns}ns {self.initiator} {self.address:#x}"
