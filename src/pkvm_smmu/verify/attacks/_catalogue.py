@@ -125,6 +125,20 @@ def _cd_table(system: System, at: int, ttb0: int) -> list[Action]:
     return [MemWrite("raw", 0, at, 64, cd)]
 
 
+def _donate_while_cached(buffer: int, *between: Action) -> list[Action]:
+    """A host mapping of buffer ``buffer`` used by 00:01.0 (its translation now in the TLB), then
+    ``between``, then the page donated to a protected guest and written through the mapping."""
+    return [
+        *_quiet_ats(),
+        Attach(PLAIN_DEVICE, "paging"),
+        IommuMap(PLAIN_DEVICE, IOVA, "buffer", buffer, 0, 4096, 3),
+        Dma(0, SID_PLAIN, None, IOVA, 8, False),
+        *between,
+        Donate("donate-guest", "buffer", buffer),
+        Dma(0, SID_PLAIN, None, IOVA, 8, True),
+    ]
+
+
 # -- the attacks ------------------------------------------------------------------------
 
 
@@ -312,14 +326,7 @@ def stale_tlb_after_donation(system: System) -> list[Action]:
     """Stale TLB after a donation: a host mapping of buffer #3 is used (TLB warm), then the page is
     donated to a protected guest and used again. The hyp unmaps it from the identity stage 2 and
     invalidates (TLBI_S2_IPA + TLBI_NH_ALL + SYNC) before the donation returns: blocked."""
-    return [
-        *_quiet_ats(),
-        Attach(PLAIN_DEVICE, "paging"),
-        IommuMap(PLAIN_DEVICE, IOVA, "buffer", 3, 0, 4096, 3),
-        Dma(0, SID_PLAIN, None, IOVA, 8, False),
-        Donate("donate-guest", "buffer", 3),
-        Dma(0, SID_PLAIN, None, IOVA, 8, True),
-    ]
+    return _donate_while_cached(3)
 
 
 def invalidation_suppressed(system: System) -> list[Action]:
@@ -345,15 +352,7 @@ def cmdq_off_then_donate(system: System) -> list[Action]:
     v4 passes CR0 to the SMMU (patch 19), so the hyp's TLBI_S2_IPA + CMD_SYNC for the donation is
     never consumed and its timeout is ignored (patch 27): the stale entry reaches guest memory
     (finding 9). The hardened hyp owns CMDQEN and emulates the host's bit: blocked."""
-    return [
-        *_quiet_ats(),
-        Attach(PLAIN_DEVICE, "paging"),
-        IommuMap(PLAIN_DEVICE, IOVA, "buffer", 5, 0, 4096, 3),
-        Dma(0, SID_PLAIN, None, IOVA, 8, False),
-        *_cr0(CR0.encode(SMMUEN=1, EVENTQEN=1, ATSCHK=1)),
-        Donate("donate-guest", "buffer", 5),
-        Dma(0, SID_PLAIN, None, IOVA, 8, True),
-    ]
+    return _donate_while_cached(5, *_cr0(CR0.encode(SMMUEN=1, EVENTQEN=1, ATSCHK=1)))
 
 
 def wedged_cmdq_then_donate(system: System) -> list[Action]:
@@ -363,16 +362,11 @@ def wedged_cmdq_then_donate(system: System) -> list[Action]:
     acknowledges it, so the donation's invalidation never runs (finding 9). The hardened hyp drops
     commands the SMMU does not implement and acknowledges command errors itself after replacing
     the command with CMD_SYNC: blocked."""
-    return [
-        *_quiet_ats(),
-        Attach(PLAIN_DEVICE, "paging"),
-        IommuMap(PLAIN_DEVICE, IOVA, "buffer", 5, 0, 4096, 3),
-        Dma(0, SID_PLAIN, None, IOVA, 8, False),
+    return _donate_while_cached(
+        5,
         Command(0, build_command(Opcode.RESUME), sync=False),
         Command(0, build_command(Opcode.SYNC, CS=0b11), sync=False),
-        Donate("donate-guest", "buffer", 5),
-        Dma(0, SID_PLAIN, None, IOVA, 8, True),
-    ]
+    )
 
 
 def racing_new_l2(system: System) -> list[Action]:
