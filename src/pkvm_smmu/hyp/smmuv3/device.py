@@ -585,7 +585,9 @@ class HypSmmuV3:
             if self.policy.cmdq_cons_write(self, value):
                 self.host_cons = value
             return 0
-        if self.policy.cmdq_batch_per_trap is not None:
+        if self.policy.cmdq_batch_per_trap is not None and not q_empty(
+            self.host_prod, self.host_cons, self.host_cmdq_shift
+        ):
             self._emulate_cmdq_insert()  # the host waits on CONS: one more batch of its commands
         # Errors reach the host through the real CONS.ERR.
         return self.host_cons | (self._hw_read(Reg.CMDQ_CONS, 4) & _CONS_ERR)
@@ -625,7 +627,7 @@ class HypSmmuV3:
             if wait_for(self, lambda: not cmdq.full()):
                 self.warn("shadow command queue full")
                 if self.policy.bounded_cmdq_traps:
-                    break  # the rest waits for the host's next PROD write
+                    break  # the rest waits for the host's next CMDQ_PROD write (or CONS read)
             data = self._read_mem(base + q_slot(self.host_cons, shift) * CMD_SIZE, CMD_SIZE)
             if data is None:
                 break
