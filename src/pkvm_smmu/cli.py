@@ -658,7 +658,7 @@ _SPEC_OPTIONS = {"design": "'--design'", "policy": "'--policy'", "boot-variant":
     "--keep-queue-alive",
     is_flag=True,
     help="Never stop the hyp's command queue (no illegal commands, CMDQEN clears or PROD games): "
-    "several times more steps per second, less coverage.",
+    "faster against v4 (no stopped-queue timeouts), less coverage.",
 )
 @click.option(
     "--step-timeout",

@@ -155,8 +155,8 @@ class ActionGenerator:
         self.system = system
         self.rng: Any = rng if rng is not None else random.Random(0)
         # Never stop the hyp's command queue: no illegal or malformed commands, no clearing of
-        # CR0.CMDQEN, no PROD/CONS games. A stopped queue makes every later trap wait out
-        # the hyp's 1 s (modeled) timeout, polled every 64 us: most of a campaign's wall-clock time.
+        # CR0.CMDQEN, no PROD/CONS games. Under v4 a stopped queue makes every later trap wait out
+        # the hyp's 1 s (modeled) timeout, and the host's GERROR handler livelocks with the SMMU.
         self.keep_queue_alive = keep_queue_alive
         self.iovas: list[int] = []  # IOVAs the generator's iommu_map calls used
         self._kinds: dict[Callable[[], list[Action]], int] = {
